@@ -8,6 +8,7 @@ values by the field's type hint. ``--set key=value`` overrides are parsed by
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import types
 import typing
@@ -129,10 +130,8 @@ def parse_override(text: str) -> tuple[str, Any]:
         value = raw
     # YAML reads 1e-3 as a string (it wants 1.0e-3); users write 1e-3.
     if isinstance(value, str):
-        try:
+        with contextlib.suppress(ValueError):
             value = float(value) if any(c in value.lower() for c in ".e") else int(value)
-        except ValueError:
-            pass
     return key, value
 
 

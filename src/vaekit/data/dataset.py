@@ -29,7 +29,8 @@ class ImageSplit:
 
     def __post_init__(self) -> None:
         if self.images.ndim != 4 or self.images.dtype != torch.uint8:
-            raise InputError(f"images must be a uint8 tensor (N, C, H, W), got {self.images.dtype} {tuple(self.images.shape)}")
+            shape = tuple(self.images.shape)
+            raise InputError(f"images must be a uint8 tensor (N, C, H, W), got {self.images.dtype} {shape}")
         if self.labels.shape != (self.images.shape[0],):
             raise InputError(f"labels must have shape ({self.images.shape[0]},), got {tuple(self.labels.shape)}")
 
@@ -165,7 +166,9 @@ class BatchLoader:
         return self.epoch(0)
 
 
-def eval_loader(split: ImageSplit, batch_size: int, binarize: Binarize, seed: int, device: torch.device | str) -> BatchLoader:
+def eval_loader(
+    split: ImageSplit, batch_size: int, binarize: Binarize, seed: int, device: torch.device | str
+) -> BatchLoader:
     """Loader for evaluation: fixed order, and one fixed binarization so epochs are comparable."""
     mode: Binarize = "static" if binarize != "none" else "none"
     return BatchLoader(split, batch_size, shuffle=False, binarize=mode, seed=mix_seed(seed, 0xE7A1), device=device)

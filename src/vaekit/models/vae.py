@@ -1,0 +1,153 @@
+"""The Gaussian VAE (Kingma & Welling 2014) with MLP or convolutional networks.
+
+encoder -> (mean, logvar) -> z = mean + exp(logvar / 2) * eps -> decoder -> p(x|z),
+trained on the negative ELBO  E_q[-log p(x|z)] + beta * KL(q(z|x) || N(0, I)).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+from vaekit.errors import ConfigError, InputError, check_choice, check_positive
+from vaekit.models.base import BaseModel, ModelOutput, register_model
+from vaekit.nn.distributions import BernoulliLikelihood, DiagonalGaussian, GaussianLikelihood
+from vaekit.nn.layers import ACTIVATIONS, ConvDecoder, ConvEncoder, MLPDecoder, MLPEncoder
+
+
+@dataclass
+class VAEConfig:
+    """Hyper-parameters of :class:`VAE`. Every field is validated on creation."""
+
+    family: str = "vae"  # registry name; selects the model class when loading
+    input_shape: tuple[int, int, int] = (1, 28, 28)  # (C, H, W) of one image
+    latent_dim: int = 20  # D, the size of z
+    architecture: Literal["mlp", "conv"] = "mlp"  # encoder/decoder body
+    hidden_sizes: tuple[int, ...] = (400,)  # MLP widths (encoder order; the decoder mirrors them)
+    conv_channels: tuple[int, ...] = (32, 64)  # conv body: channels of each stride-2 layer
+    activation: str = "relu"  # one of nn.layers.ACTIVATIONS
+    likelihood: Literal["bernoulli", "gaussian"] = "bernoulli"  # p(x|z) per pixel
+    gaussian_sigma: float = 1.0  # Gaussian likelihood: fixed std, or the initial std when learned
+    learn_sigma: bool = False  # Gaussian likelihood: learn one std per pixel
+    beta: float = 1.0  # weight of the KL term (beta-VAE when != 1)
+
+    def __post_init__(self) -> None:
+        if len(self.input_shape) != 3 or any(not isinstance(s, int) or s <= 0 for s in self.input_shape):
+            raise ConfigError(f"model.input_shape must be three positive integers (C, H, W), got {self.input_shape!r}")
+        check_positive("model.latent_dim", self.latent_dim, integer=True)
+        check_choice("model.architecture", self.architecture, ("mlp", "conv"))
+        check_choice("model.likelihood", self.likelihood, ("bernoulli", "gaussian"))
+        check_choice("model.activation", self.activation, tuple(ACTIVATIONS))
+        for h in self.hidden_sizes:
+            check_positive("model.hidden_sizes[i]", h, integer=True)
+        for c in self.conv_channels:
+            check_positive("model.conv_channels[i]", c, integer=True)
+        if self.architecture == "conv" and not self.conv_channels:
+            raise ConfigError("model.conv_channels must be non-empty for architecture 'conv'")
+        check_positive("model.gaussian_sigma", self.gaussian_sigma)
+        check_positive("model.beta", self.beta, allow_zero=True)
+
+
+@dataclass
+class VAEOutput(ModelOutput):
+    """Loss breakdown of one batch. Scalars are batch means of per-example sums, in nats."""
+
+    kl: torch.Tensor  # scalar: mean over the batch of KL(q(z|x) || p(z))
+    kl_per_dim: torch.Tensor  # (D,): batch mean of the KL of each latent dimension
+    recon_per_example: torch.Tensor  # (B,): -log p(x|z) per example
+    kl_per_example: torch.Tensor  # (B,): KL per example
+    z: torch.Tensor  # (B, D): the reparameterized sample
+    posterior: DiagonalGaussian
+
+    @property
+    def elbo_per_example(self) -> torch.Tensor:
+        """(B,) the evidence lower bound per example (beta = 1), nats."""
+        return -(self.recon_per_example + self.kl_per_example)
+
+    def terms(self) -> dict[str, torch.Tensor]:
+        return {"loss": self.loss, "recon": self.recon, "kl": self.kl}
+
+
+@register_model("vae")
+class VAE(BaseModel):
+    """Gaussian-posterior VAE with a Bernoulli or Gaussian likelihood."""
+
+    config_class = VAEConfig
+
+    def __init__(self, config: VAEConfig | None = None):
+        config = config or VAEConfig()
+        if not isinstance(config, VAEConfig):
+            raise ConfigError(f"VAE needs a VAEConfig, got {type(config).__name__}")
+        super().__init__(config)
+        c = config
+        out_shape = c.input_shape
+        if c.architecture == "mlp":
+            self.encoder = MLPEncoder(c.input_shape, c.hidden_sizes, c.activation)
+            self.decoder = MLPDecoder(c.latent_dim, out_shape, c.hidden_sizes, c.activation)
+        else:
+            self.encoder = ConvEncoder(c.input_shape, c.conv_channels, c.hidden_sizes, c.activation)
+            self.decoder = ConvDecoder(c.latent_dim, out_shape, c.conv_channels, c.hidden_sizes, c.activation)
+        self.to_mean = nn.Linear(self.encoder.out_features, c.latent_dim)
+        self.to_logvar = nn.Linear(self.encoder.out_features, c.latent_dim)
+        if c.likelihood == "gaussian":
+            init = torch.full(c.input_shape, math.log(c.gaussian_sigma))
+            if c.learn_sigma:
+                self.log_sigma = nn.Parameter(init)
+            else:
+                self.register_buffer("log_sigma", init)
+
+    # -- the probabilistic pieces ----------------------------------------------------------------
+    def encode(self, x: torch.Tensor) -> DiagonalGaussian:
+        """q(z|x) for x (B, C, H, W): a DiagonalGaussian with mean and logvar (B, D)."""
+        h = self.encoder(x)
+        return DiagonalGaussian(self.to_mean(h), self.to_logvar(h))
+
+    def decode(self, z: torch.Tensor) -> BernoulliLikelihood | GaussianLikelihood:
+        """p(x|z) for z (..., D); extra leading dims of z are kept in the output."""
+        lead = z.shape[:-1]
+        out = self.decoder(z.reshape(-1, z.shape[-1]))
+        out = out.view(*lead, *self.config.input_shape)
+        if self.config.likelihood == "bernoulli":
+            return BernoulliLikelihood(out)
+        return GaussianLikelihood(out, self.log_sigma)
+
+    def check_targets(self, x: torch.Tensor) -> None:
+        if self.config.likelihood == "bernoulli":
+            lo, hi = torch.aminmax(x.detach())
+            if lo < 0 or hi > 1:
+                raise InputError(f"x must lie in [0, 1] for a Bernoulli likelihood, got values in [{lo:.4g}, {hi:.4g}]")
+
+    def forward(self, x: torch.Tensor, beta: float | None = None) -> VAEOutput:
+        """Negative ELBO of a batch x (B, C, H, W): one reparameterized sample per example."""
+        self.check_input(x)
+        self.check_targets(x)
+        posterior = self.encode(x)
+        z = posterior.rsample()
+        recon_pe = -self.decode(z).log_prob(x)  # (B,)
+        kl_pd = posterior.kl()  # (B, D)
+        kl_pe = kl_pd.sum(1)
+        recon, kl = recon_pe.mean(), kl_pe.mean()
+        weight = self.config.beta if beta is None else beta
+        return VAEOutput(
+            loss=recon + weight * kl, recon=recon, kl=kl, kl_per_dim=kl_pd.mean(0),
+            recon_per_example=recon_pe, kl_per_example=kl_pe, z=z, posterior=posterior,
+        )
+
+    # -- generation ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """``n`` images (n, C, H, W): decoder means at z ~ N(0, I)."""
+        self.check_count(n)
+        z = torch.randn(n, self.config.latent_dim, generator=generator, device=self.device) if generator is None \
+            else torch.randn(n, self.config.latent_dim, generator=generator).to(self.device)
+        return self.decode(z).mean
+
+    @torch.no_grad()
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        """Decoder mean at the posterior mean, (B, C, H, W)."""
+        self.check_input(x)
+        return self.decode(self.encode(x).mean).mean

@@ -1,0 +1,395 @@
+"""The training loop: lean per step, exact on resume, safe on crashes.
+
+Per step: forward, one host sync for the loss terms (logging and the NaN guard),
+backward, optimizer step. Everything random is either derived from
+``(seed, epoch, batch)`` (data order, binarization) or carried in checkpoints (the
+torch RNG streams, per rank), so an interrupted run resumed from its last
+checkpoint finishes bit-identical on CPU to one that never stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import warnings
+from collections.abc import Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from vaekit.config import to_dict
+from vaekit.data import LOADERS
+from vaekit.data.dataset import BatchLoader, ImageDataset, eval_loader, mix_seed
+from vaekit.errors import CheckpointError, ConfigError, InputError, TrainingDivergedError
+from vaekit.evaluation.elbo import evaluate_elbo
+from vaekit.models.base import BaseModel
+from vaekit.training import distributed as D
+from vaekit.training.callbacks import Callback
+from vaekit.training.checkpoint import latest_checkpoint, save_checkpoint
+from vaekit.training.config import DataConfig, RunConfig, TrainConfig
+from vaekit.training.metrics_log import MetricsLog
+
+
+@dataclass
+class TrainState:
+    """Where training stands: ``step`` optimizer steps done; the next batch is ``batch`` of ``epoch``."""
+
+    step: int = 0
+    epoch: int = 0
+    batch: int = 0
+
+
+@dataclass
+class TrainResult:
+    """What :meth:`Trainer.fit` returns."""
+
+    run_dir: Path
+    model_dir: Path | None
+    steps: int
+    epochs_completed: int
+    final_eval: dict[str, Any] | None
+    wall_time_s: float
+    resumed_from: str | None
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"train.device is {name!r} but CUDA is not available; use 'cpu' or 'auto'")
+    return torch.device(name)
+
+
+def _rng_state(device: torch.device) -> dict[str, Any]:
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(state["cpu"].cpu())
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"].cpu(), device)
+
+
+class Trainer:
+    """Trains a model on an :class:`ImageDataset`.
+
+    Args:
+        model: any registered model family (``forward(x)`` returns an output with ``loss``).
+        dataset: train and test splits.
+        config: optimization, logging and checkpoint settings.
+        data_config: binarization and subsets (defaults: grey levels, full splits).
+        run_dir: where checkpoints, ``metrics.jsonl`` and the final model go.
+        run_config: the whole resolved config, saved in the run folder for reproducibility.
+        callbacks: hooks called during training; their state is checkpointed.
+    """
+
+    def __init__(
+        self,
+        model: BaseModel,
+        dataset: ImageDataset,
+        config: TrainConfig | None = None,
+        *,
+        data_config: DataConfig | None = None,
+        run_dir: str | Path = "runs/vae",
+        run_config: RunConfig | None = None,
+        callbacks: Sequence[Callback] = (),
+    ):
+        if not isinstance(model, BaseModel):
+            raise InputError(f"model must be a vaekit model (BaseModel), got {type(model).__name__}")
+        if not isinstance(dataset, ImageDataset):
+            raise InputError(f"dataset must be an ImageDataset, got {type(dataset).__name__}")
+        if tuple(dataset.image_shape) != model.input_shape:
+            raise InputError(f"dataset images have shape {dataset.image_shape}, the model expects {model.input_shape}")
+        self.model, self.dataset = model, dataset
+        self.config = config or TrainConfig()
+        if data_config is None:
+            data_config = DataConfig(dataset=dataset.name) if dataset.name in LOADERS else DataConfig()
+        self.data_config = data_config
+        self.run_dir = Path(run_dir)
+        self.run_config = run_config
+        self.callbacks = list(callbacks)
+        names = [c.name for c in self.callbacks]
+        if len(set(names)) != len(names):
+            raise InputError(f"callback names must be unique (they key checkpoint state), got {names}")
+        self.state = TrainState()
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.dist = D.DistInfo()
+        self.device = torch.device("cpu")
+        self.last_checkpoint: Path | None = None
+        self.log: MetricsLog | None = None
+        self._tb: Any = None
+
+    # -- set-up ----------------------------------------------------------------------------------
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+    def _autocast(self):
+        if self.config.precision == "bf16" and self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return nullcontext()
+
+    def _write_run_config(self) -> None:
+        if self.run_config is None:
+            return
+        path = self.run_dir / "config.json"
+        new = self.run_config.to_dict()
+        if path.is_file():
+            old = json.loads(path.read_text())
+            if old.get("model") != new["model"]:
+                raise CheckpointError(
+                    f"{self.run_dir} holds a run with a different model config; choose another name "
+                    f"(--set name=...) or start afresh (--no-resume)")
+        from vaekit.data.idx import atomic_write_bytes  # local import: keeps the module graph flat
+
+        atomic_write_bytes(path, (json.dumps(new, indent=2) + "\n").encode())
+        import yaml
+
+        atomic_write_bytes(self.run_dir / "config.yaml", yaml.safe_dump(new, sort_keys=False).encode())
+
+    def _open_tensorboard(self) -> None:
+        if self.config.tensorboard == "off":
+            return
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            if self.config.tensorboard == "on":
+                raise ConfigError("train.tensorboard is 'on' but tensorboard is not installed "
+                                  "(pip install 'vaekit[tensorboard]')") from None
+            return
+        self._tb = SummaryWriter(str(self.run_dir / "tensorboard"))
+
+    def _checkpoint_payload(self) -> dict[str, Any]:
+        rngs = D.gather_objects(_rng_state(self.device), self.dist)
+        assert self.optimizer is not None
+        return {
+            "step": self.state.step, "epoch": self.state.epoch, "batch": self.state.batch,
+            "world_size": self.dist.world_size,
+            "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+            "optimizer": self.optimizer.state_dict(),
+            "rng": rngs,
+            "callbacks": {c.name: c.state_dict() for c in self.callbacks},
+            "config": self.run_config.to_dict() if self.run_config else {"train": to_dict(self.config)},
+        }
+
+    def save_checkpoint(self, protect: tuple[int, ...] = ()) -> Path | None:
+        """Write a checkpoint of the current state (rank 0 writes; every rank must call)."""
+        payload = self._checkpoint_payload()
+        if self.dist.is_main:
+            self.last_checkpoint = save_checkpoint(self.checkpoint_dir, self.state.step, payload,
+                                                   self.config.keep_checkpoints, protect)
+            if self.log:
+                self.log.flush()
+        return self.last_checkpoint
+
+    def _resume(self) -> str | None:
+        found = latest_checkpoint(self.checkpoint_dir)
+        if found is None:
+            return None
+        payload, path = found
+        try:
+            self.model.load_state_dict(payload["model"])
+        except RuntimeError as exc:
+            raise CheckpointError(f"{path} does not match this model: {exc}") from exc
+        assert self.optimizer is not None
+        self.optimizer.load_state_dict(payload["optimizer"])
+        self.state = TrainState(payload["step"], payload["epoch"], payload["batch"])
+        rngs = payload["rng"]
+        if payload.get("world_size") == self.dist.world_size and len(rngs) == self.dist.world_size:
+            _set_rng_state(rngs[self.dist.rank], self.device)
+        else:
+            warnings.warn(f"{path} was written by {payload.get('world_size')} process(es), this run has "
+                          f"{self.dist.world_size}: resuming with fresh noise streams (not bit-exact)", stacklevel=2)
+            torch.manual_seed(mix_seed(self.config.seed, self.dist.rank, self.state.step))
+        for cb in self.callbacks:
+            if cb.name in payload.get("callbacks", {}):
+                cb.load_state_dict(payload["callbacks"][cb.name])
+        self.last_checkpoint = path
+        return str(path)
+
+    # -- the loop --------------------------------------------------------------------------------
+    def fit(self, resume: bool = True) -> TrainResult:
+        """Train until ``epochs`` (or ``max_steps``) are done; resume from the run's newest checkpoint."""
+        t_start = time.perf_counter()
+        cfg = self.config
+        self.device = pick_device(cfg.device)
+        self.dist = D.init_distributed(self.device.type == "cuda")
+        if self.dist.enabled and self.device.type == "cuda":
+            self.device = torch.device("cuda", self.dist.local_rank)
+        try:
+            return self._fit(resume, t_start)
+        finally:
+            if self.log:
+                self.log.close()
+            if self._tb is not None:
+                self._tb.close()
+            D.shutdown(self.dist)
+
+    def _fit(self, resume: bool, t_start: float) -> TrainResult:
+        cfg, dc, info = self.config, self.data_config, self.dist
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        if info.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self._write_run_config()
+        D.barrier(info)
+        model = self.model.to(self.device).train()
+        train_split = self.dataset.train.subset(dc.train_subset)
+        loader = BatchLoader(train_split, cfg.batch_size, shuffle=True, binarize=dc.binarize,
+                             seed=mix_seed(cfg.seed, dc.binarize_seed), drop_last=cfg.drop_last,
+                             rank=info.rank, world_size=info.world_size, device=self.device)
+        test = eval_loader(self.dataset.test.subset(dc.test_subset), cfg.eval_batch_size, dc.binarize,
+                           dc.binarize_seed, self.device) if info.is_main else None
+        net: torch.nn.Module = model
+        if info.enabled:
+            net = DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+        torch.manual_seed(mix_seed(cfg.seed, info.rank, 0xA0))
+        resumed = self._resume() if resume else None
+        if info.is_main:
+            self.log = MetricsLog(self.run_dir / "metrics.jsonl")
+            if resumed:
+                st = self.state
+                self.log.truncate(lambda r: r.get("step", 0) <= st.step if r.get("type") != "eval"
+                                  else r.get("epoch", 0) < st.epoch)
+            elif not resume:
+                self.log.truncate(lambda r: False)
+            self._open_tensorboard()
+            self.log.write({"type": "event", "step": self.state.step, "event": "resume" if resumed else "start",
+                            "checkpoint": resumed, "world_size": info.world_size, "device": str(self.device)})
+        for cb in self.callbacks:
+            cb.on_fit_start(self)
+
+        steps_per_epoch = len(loader)
+        total = cfg.epochs * steps_per_epoch
+        if cfg.max_steps is not None:
+            total = min(total, cfg.max_steps)
+        final_eval: dict[str, Any] | None = None
+        show = cfg.progress and info.is_main
+        names = list(self._term_names(model, loader))
+        last_time = time.perf_counter()
+
+        while self.state.step < total:
+            epoch = self.state.epoch
+            bar = _progress(show, steps_per_epoch, self.state.batch, f"epoch {epoch + 1}/{cfg.epochs}")
+            for x, _ in loader.epoch(epoch, start=self.state.batch):
+                values = self._step(net, x, names)
+                self.state.step += 1
+                self.state.batch += 1
+                now = time.perf_counter()
+                record = {"type": "train", "step": self.state.step, "epoch": epoch, **values,
+                          "lr": self.optimizer.param_groups[0]["lr"],
+                          "samples_per_s": cfg.batch_size / max(now - last_time, 1e-9)}
+                last_time = now
+                for cb in self.callbacks:
+                    cb.on_step_end(self, record)
+                if info.is_main:
+                    self.log.write(record)  # type: ignore[union-attr]
+                    if self._tb is not None:
+                        for k, v in record.items():
+                            if k not in ("type", "step", "epoch") and isinstance(v, int | float):
+                                self._tb.add_scalar(f"train/{k}", v, self.state.step)
+                    if bar is not None:
+                        bar.update(1)
+                        if self.state.step % 20 == 0:
+                            bar.set_postfix({k: f"{values[k]:.2f}" for k in names[:4]}, refresh=False)
+                if cfg.checkpoint_every and self.state.step % cfg.checkpoint_every == 0:
+                    self.save_checkpoint()
+                if self.state.step >= total:
+                    break
+            if bar is not None:
+                bar.close()
+            if self.state.batch >= steps_per_epoch:  # the epoch is complete
+                if cfg.eval_every and ((epoch + 1) % cfg.eval_every == 0 or self.state.step >= total):
+                    final_eval = self.evaluate(test, epoch)
+                self.state.epoch += 1
+                self.state.batch = 0
+                self.save_checkpoint()
+            elif self.state.step >= total and cfg.checkpoint_every and self.state.step % cfg.checkpoint_every:
+                self.save_checkpoint()
+
+        if final_eval is None and cfg.eval_every:
+            final_eval = self.evaluate(test, self.state.epoch)
+        model_dir = self._save_model(final_eval) if info.is_main else None
+        D.barrier(info)
+        for cb in self.callbacks:
+            cb.on_fit_end(self)
+        return TrainResult(self.run_dir, model_dir, self.state.step, self.state.epoch, final_eval,
+                           time.perf_counter() - t_start, resumed)
+
+    def _term_names(self, model: BaseModel, loader: BatchLoader) -> list[str]:
+        x, _ = next(loader.epoch(0))
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.no_grad(), torch.random.fork_rng(devices=devices):
+            was = model.training
+            out = model(x[:2])
+            model.train(was)
+        return list(out.terms())
+
+    def _step(self, net: torch.nn.Module, x: torch.Tensor, names: list[str]) -> dict[str, float]:
+        assert self.optimizer is not None
+        with self._autocast():
+            out = net(x)
+        terms = out.terms()
+        packed = torch.stack([terms[k].detach().float() for k in names])
+        packed = D.all_reduce_mean(packed, self.dist)
+        values = dict(zip(names, packed.tolist(), strict=True))
+        if not all(math.isfinite(v) for v in values.values()):
+            self._diverged(values)
+        self.optimizer.zero_grad(set_to_none=True)
+        out.loss.backward()
+        if self.config.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+        self.optimizer.step()
+        return values
+
+    def _diverged(self, values: dict[str, float]) -> None:
+        step = self.state.step + 1
+        if self.log:
+            self.log.write({"type": "event", "step": step, "event": "diverged", **values,
+                            "checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None})
+            self.log.flush()
+        raise TrainingDivergedError(step, values, str(self.last_checkpoint) if self.last_checkpoint else None)
+
+    def evaluate(self, test: BatchLoader | None, epoch: int) -> dict[str, Any] | None:
+        """Test-split ELBO breakdown (rank 0), logged as an ``eval`` record."""
+        result = None
+        if self.dist.is_main and test is not None:
+            dtype = torch.bfloat16 if self.config.precision == "bf16" and self.device.type == "cuda" else None
+            seed = mix_seed(self.config.seed, 0xE5)
+            result = evaluate_elbo(self.model, test.epoch(0), seed=seed, autocast_dtype=dtype)
+            record = {"type": "eval", "step": self.state.step, "epoch": epoch,
+                      **{k: v for k, v in result.items() if k != "kl_per_dim"}, "kl_per_dim": result.get("kl_per_dim")}
+            for cb in self.callbacks:
+                cb.on_eval_end(self, record)
+            assert self.log is not None
+            self.log.write(record)
+            self.log.flush()
+            if self._tb is not None:
+                for k, v in record.items():
+                    if k not in ("type", "step", "epoch") and isinstance(v, int | float):
+                        self._tb.add_scalar(f"test/{k}", v, self.state.step)
+        D.barrier(self.dist)
+        return result
+
+    def _save_model(self, final_eval: dict[str, Any] | None) -> Path:
+        meta = {"data": to_dict(self.data_config), "train": to_dict(self.config), "steps": self.state.step,
+                "dataset_provenance": self.dataset.provenance}
+        metrics = {"test": final_eval, "step": self.state.step} if final_eval else None
+        return self.model.save(self.run_dir / "model", metadata=meta, metrics=metrics)
+
+
+def _progress(show: bool, total: int, initial: int, desc: str):
+    if not show:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, mininterval=0.5, leave=False, dynamic_ncols=True)
