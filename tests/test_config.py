@@ -1,0 +1,71 @@
+import pytest
+
+from vaekit.config import parse_override
+from vaekit.errors import ConfigError
+from vaekit.models.vae import VAEConfig
+from vaekit.training.config import TrainConfig, load_run_config, run_config_from_dict
+
+
+def test_override_values_are_typed():
+    assert parse_override("train.lr=1e-3") == ("train.lr", 1e-3)
+    assert parse_override("train.epochs=3") == ("train.epochs", 3)
+    assert parse_override("train.progress=false") == ("train.progress", False)
+    assert parse_override("model.hidden_sizes=[200, 200]") == ("model.hidden_sizes", [200, 200])
+    assert parse_override("name=my run") == ("name", "my run")
+
+
+def test_overrides_reach_the_config():
+    cfg = load_run_config(None, ["train.lr=3e-4", "model.hidden_sizes=[200,100]", "data.binarize=dynamic"])
+    assert cfg.train.lr == 3e-4
+    assert cfg.model.hidden_sizes == (200, 100)
+    assert cfg.data.binarize == "dynamic"
+
+
+def test_unknown_key_names_the_valid_keys():
+    with pytest.raises(ConfigError) as exc:
+        load_run_config(None, ["train.lrr=1"])
+    msg = str(exc.value)
+    assert "train.lrr" in msg and "train.lr" in msg and "model.latent_dim" in msg
+
+
+def test_unknown_top_level_key():
+    with pytest.raises(ConfigError, match="valid keys"):
+        run_config_from_dict({"trian": {}})
+
+
+@pytest.mark.parametrize(
+    "override, fragment",
+    [
+        ("model.latent_dim=abc", "model.latent_dim must be an integer"),
+        ("model.latent_dim=0", "model.latent_dim must be > 0"),
+        ("train.lr=-1", "train.lr must be > 0"),
+        ("data.binarize=sometimes", "data.binarize must be one of"),
+        ("data.dataset=cifar", "data.dataset must be one of"),
+        ("model.family=nope", "model family must be one of"),
+        ("train.progress=3", "train.progress must be true or false"),
+        ("badformat", "key=value"),
+    ],
+)
+def test_bad_values_raise_clear_errors(override, fragment):
+    with pytest.raises(ConfigError, match=fragment.replace("(", r"\(")):
+        load_run_config(None, [override])
+
+
+def test_config_file_and_round_trip(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("name: x\nmodel:\n  latent_dim: 8\ntrain:\n  epochs: 2\n")
+    cfg = load_run_config(path, ["train.epochs=3"])
+    assert cfg.model.latent_dim == 8 and cfg.train.epochs == 3 and cfg.name == "x"
+    again = run_config_from_dict(cfg.to_dict())
+    assert again == cfg
+
+
+def test_dataclass_validation_on_creation():
+    with pytest.raises(ConfigError):
+        VAEConfig(architecture="transformer")
+    with pytest.raises(ConfigError):
+        TrainConfig(batch_size=0)
+    with pytest.raises(ConfigError, match="divisible"):
+        from vaekit.models import VAE
+
+        VAE(VAEConfig(architecture="conv", conv_channels=(8, 8, 8)))
