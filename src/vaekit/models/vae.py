@@ -121,10 +121,16 @@ class VAE(BaseModel):
             if lo < 0 or hi > 1:
                 raise InputError(f"x must lie in [0, 1] for a Bernoulli likelihood, got values in [{lo:.4g}, {hi:.4g}]")
 
-    def forward(self, x: torch.Tensor, beta: float | None = None) -> VAEOutput:
-        """Negative ELBO of a batch x (B, C, H, W): one reparameterized sample per example."""
+    def forward(self, x: torch.Tensor, beta: float | None = None, check: bool = True) -> VAEOutput:
+        """Negative ELBO of a batch x (B, C, H, W): one reparameterized sample per example.
+
+        ``beta`` overrides ``config.beta`` for this call. ``check=False`` skips the value-range
+        check of x (a full pass over the batch); the trainer uses it after the first batch,
+        since its loader only serves values in [0, 1].
+        """
         self.check_input(x)
-        self.check_targets(x)
+        if check:
+            self.check_targets(x)
         posterior = self.encode(x)
         z = posterior.rsample()
         recon_pe = -self.decode(z).log_prob(x)  # (B,)

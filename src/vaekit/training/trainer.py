@@ -126,6 +126,7 @@ class Trainer:
         self.last_checkpoint: Path | None = None
         self.log: MetricsLog | None = None
         self._tb: Any = None
+        self._check_inputs = True  # validate the first batch's values; the loader guarantees the rest
 
     # -- set-up ----------------------------------------------------------------------------------
     @property
@@ -339,7 +340,8 @@ class Trainer:
     def _step(self, net: torch.nn.Module, x: torch.Tensor, names: list[str]) -> dict[str, float]:
         assert self.optimizer is not None
         with self._autocast():
-            out = net(x)
+            out = net(x, check=self._check_inputs)
+        self._check_inputs = False
         terms = out.terms()
         packed = torch.stack([terms[k].detach().float() for k in names])
         packed = D.all_reduce_mean(packed, self.dist)

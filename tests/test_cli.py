@@ -1,0 +1,49 @@
+import json
+
+from PIL import Image
+
+from vaekit.cli.main import main
+
+
+def test_unknown_set_key_fails_and_names_valid_keys(capsys):
+    assert main(["train", "--set", "train.learning_rate=1e-3", "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "train.learning_rate" in err and "valid keys" in err and "train.lr" in err
+
+
+def test_wrong_type_fails(capsys):
+    assert main(["train", "--set", "train.epochs=many", "--dry-run"]) == 2
+    assert "train.epochs must be an integer" in capsys.readouterr().err
+
+
+def test_dry_run_prints_resolved_config(capsys, tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("model:\n  latent_dim: 7\n")
+    assert main(["train", str(cfg), "--set", "train.lr=2e-4", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "latent_dim: 7" in out and "lr: 0.0002" in out
+
+
+def test_train_evaluate_sample_reconstruct_end_to_end(tmp_path, capsys, mnist):
+    sets = [f"out_dir={tmp_path}", "name=e2e", "data.train_subset=1024", "data.test_subset=256",
+            "train.max_steps=24", "train.batch_size=64", "train.progress=false", "train.tensorboard=off",
+            "model.hidden_sizes=[64]", "model.latent_dim=4"]
+    argv = ["train"] + [a for s in sets for a in ("--set", s)]
+    assert main(argv) == 0
+    run = tmp_path / "e2e"
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["model"]["latent_dim"] == 4 and (run / "config.yaml").is_file()
+
+    assert main(["evaluate", str(run)]) == 0
+    report = json.loads((run / "eval.json").read_text())
+    m = report["metrics"]
+    assert m["n"] == 10000 and abs(m["neg_elbo"] - (m["recon"] + m["kl"])) < 1e-6
+
+    assert main(["sample", str(run / "model"), "-n", "16", "-o", str(tmp_path / "s.png")]) == 0
+    img = Image.open(tmp_path / "s.png")
+    assert img.size == ((4 * 30 + 2) * 2, (4 * 30 + 2) * 2)
+    assert main(["reconstruct", str(run), "-n", "8", "-o", str(tmp_path / "r.png")]) == 0
+    assert Image.open(tmp_path / "r.png").size[1] == (2 * 30 + 2) * 2
+
+    assert main(["sample", str(tmp_path), "-o", str(tmp_path / "x.png")]) == 2
+    assert "neither a run folder" in capsys.readouterr().err
