@@ -24,7 +24,8 @@ def machine() -> dict[str, Any]:
         commit = ""
     return {
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "python": platform.python_version(), "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
+        "python": platform.python_version(), "torch": torch.__version__,
+        "cpu": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None, "commit": commit,
     }
