@@ -64,10 +64,24 @@ class ModelOutput:
 
 
 class BaseModel(nn.Module, ABC):
-    """Shared interface: ``forward(x) -> ModelOutput``, ``sample``, ``reconstruct``, save/load."""
+    """Shared interface: ``forward(x) -> ModelOutput``, ``sample``, ``reconstruct``, save/load.
+
+    Hooks the trainer uses (override where a family needs them):
+
+    * ``needs_labels``: the trainer passes ``y=labels`` to ``forward`` (conditional models).
+    * ``supports_kl_control``: ``forward`` accepts ``kl_control=KLControl(...)`` (schedules,
+      free bits, capacity); families without a Gaussian KL term leave it False.
+    * ``configure_optimizers(cfg)``: named optimizers (default: one Adam over all parameters).
+    * ``custom_train_step`` + ``train_step(...)``: a family with several phases per step
+      (adversarial training) runs forward, backward and its optimizers itself.
+    * ``on_train_data(n)``: told the training-set size before the first step.
+    """
 
     family: ClassVar[str] = ""
     config_class: ClassVar[type]
+    needs_labels: ClassVar[bool] = False
+    supports_kl_control: ClassVar[bool] = False
+    custom_train_step: ClassVar[bool] = False
 
     def __init__(self, config: Any):
         super().__init__()
@@ -84,6 +98,23 @@ class BaseModel(nn.Module, ABC):
     @abstractmethod
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
         """Decoder mean at the posterior mean, same shape as ``x``."""
+
+    # -- training hooks --------------------------------------------------------------------------
+    def configure_optimizers(self, cfg: Any) -> dict[str, torch.optim.Optimizer]:
+        """Named optimizers built from a TrainConfig; every one is checkpointed."""
+        return {"main": torch.optim.Adam(self.parameters(), lr=cfg.lr, betas=cfg.betas,
+                                         weight_decay=cfg.weight_decay)}
+
+    def train_step(self, net: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                   optimizers: dict[str, torch.optim.Optimizer], forward_kwargs: dict[str, Any]) -> ModelOutput:
+        """One full step (forward, backward, optimizer steps) for families with ``custom_train_step``.
+
+        ``net`` is the model or its DDP wrapper. Return the output whose ``terms()`` are logged.
+        """
+        raise NotImplementedError(f"{type(self).__name__} sets custom_train_step but has no train_step")
+
+    def on_train_data(self, n_train: int) -> None:
+        """Called with the number of training examples before training starts."""
 
     @property
     def input_shape(self) -> tuple[int, ...]:

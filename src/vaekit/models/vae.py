@@ -17,6 +17,7 @@ from vaekit.errors import ConfigError, InputError, check_choice, check_positive
 from vaekit.models.base import BaseModel, ModelOutput, register_model
 from vaekit.nn.distributions import BernoulliLikelihood, DiagonalGaussian, GaussianLikelihood
 from vaekit.nn.layers import ACTIVATIONS, ConvDecoder, ConvEncoder, MLPDecoder, MLPEncoder
+from vaekit.objectives.kl_control import KLControl, kl_term
 
 
 @dataclass
@@ -58,6 +59,7 @@ class VAEOutput(ModelOutput):
 
     kl: torch.Tensor  # scalar: mean over the batch of KL(q(z|x) || p(z))
     kl_per_dim: torch.Tensor  # (D,): batch mean of the KL of each latent dimension
+    kl_used: torch.Tensor  # scalar: the KL as optimized (after free bits / floor); equals kl without them
     recon_per_example: torch.Tensor  # (B,): -log p(x|z) per example
     kl_per_example: torch.Tensor  # (B,): KL per example
     z: torch.Tensor  # (B, D): the reparameterized sample
@@ -77,6 +79,7 @@ class VAE(BaseModel):
     """Gaussian-posterior VAE with a Bernoulli or Gaussian likelihood."""
 
     config_class = VAEConfig
+    supports_kl_control = True
 
     def __init__(self, config: VAEConfig | None = None):
         config = config or VAEConfig()
@@ -121,12 +124,21 @@ class VAE(BaseModel):
             if lo < 0 or hi > 1:
                 raise InputError(f"x must lie in [0, 1] for a Bernoulli likelihood, got values in [{lo:.4g}, {hi:.4g}]")
 
-    def forward(self, x: torch.Tensor, beta: float | None = None, check: bool = True) -> VAEOutput:
+    def forward(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor | None = None,
+        *,
+        beta: float | None = None,
+        kl_control: KLControl | None = None,
+        check: bool = True,
+    ) -> VAEOutput:
         """Negative ELBO of a batch x (B, C, H, W): one reparameterized sample per example.
 
-        ``beta`` overrides ``config.beta`` for this call. ``check=False`` skips the value-range
-        check of x (a full pass over the batch); the trainer uses it after the first batch,
-        since its loader only serves values in [0, 1].
+        ``y`` (labels) is ignored by this family. ``beta`` overrides ``config.beta``;
+        ``kl_control`` (schedules, free bits, capacity) overrides both. ``check=False`` skips
+        the value-range check of x (a full pass over the batch); the trainer uses it after
+        the first batch, since its loader only serves values in [0, 1].
         """
         self.check_input(x)
         if check:
@@ -136,10 +148,11 @@ class VAE(BaseModel):
         recon_pe = -self.decode(z).log_prob(x)  # (B,)
         kl_pd = posterior.kl()  # (B, D)
         kl_pe = kl_pd.sum(1)
-        recon, kl = recon_pe.mean(), kl_pe.mean()
-        weight = self.config.beta if beta is None else beta
+        recon, kl, kl_dim = recon_pe.mean(), kl_pe.mean(), kl_pd.mean(0)
+        control = kl_control or KLControl(weight=self.config.beta if beta is None else beta)
+        term, kl_used = kl_term(kl_dim, control)
         return VAEOutput(
-            loss=recon + weight * kl, recon=recon, kl=kl, kl_per_dim=kl_pd.mean(0),
+            loss=recon + term, recon=recon, kl=kl, kl_per_dim=kl_dim, kl_used=kl_used,
             recon_per_example=recon_pe, kl_per_example=kl_pe, z=z, posterior=posterior,
         )
 

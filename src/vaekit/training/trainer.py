@@ -120,7 +120,7 @@ class Trainer:
         if len(set(names)) != len(names):
             raise InputError(f"callback names must be unique (they key checkpoint state), got {names}")
         self.state = TrainState()
-        self.optimizer: torch.optim.Optimizer | None = None
+        self.optimizers: dict[str, torch.optim.Optimizer] = {}
         self.dist = D.DistInfo()
         self.device = torch.device("cpu")
         self.last_checkpoint: Path | None = None
@@ -170,12 +170,11 @@ class Trainer:
 
     def _checkpoint_payload(self) -> dict[str, Any]:
         rngs = D.gather_objects(_rng_state(self.device), self.dist)
-        assert self.optimizer is not None
         return {
             "step": self.state.step, "epoch": self.state.epoch, "batch": self.state.batch,
             "world_size": self.dist.world_size,
             "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
-            "optimizer": self.optimizer.state_dict(),
+            "optimizers": {k: opt.state_dict() for k, opt in self.optimizers.items()},
             "rng": rngs,
             "callbacks": {c.name: c.state_dict() for c in self.callbacks},
             "config": self.run_config.to_dict() if self.run_config else {"train": to_dict(self.config)},
@@ -200,8 +199,11 @@ class Trainer:
             self.model.load_state_dict(payload["model"])
         except RuntimeError as exc:
             raise CheckpointError(f"{path} does not match this model: {exc}") from exc
-        assert self.optimizer is not None
-        self.optimizer.load_state_dict(payload["optimizer"])
+        saved = payload["optimizers"]
+        if set(saved) != set(self.optimizers):
+            raise CheckpointError(f"{path} holds optimizers {sorted(saved)}, this model uses {sorted(self.optimizers)}")
+        for k, opt in self.optimizers.items():
+            opt.load_state_dict(saved[k])
         self.state = TrainState(payload["step"], payload["epoch"], payload["batch"])
         rngs = payload["rng"]
         if payload.get("world_size") == self.dist.world_size and len(rngs) == self.dist.world_size:
@@ -252,7 +254,8 @@ class Trainer:
         net: torch.nn.Module = model
         if info.enabled:
             net = DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        self.optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+        self.optimizers = model.configure_optimizers(cfg)
+        model.on_train_data(len(train_split))
         torch.manual_seed(mix_seed(cfg.seed, info.rank, 0xA0))
         resumed = self._resume() if resume else None
         if info.is_main:
@@ -282,13 +285,13 @@ class Trainer:
         while self.state.step < total:
             epoch = self.state.epoch
             bar = _progress(show, steps_per_epoch, self.state.batch, f"epoch {epoch + 1}/{cfg.epochs}")
-            for x, _ in loader.epoch(epoch, start=self.state.batch):
-                values = self._step(net, x, names)
+            for x, y in loader.epoch(epoch, start=self.state.batch):
+                values = self._step(net, x, y, names)
                 self.state.step += 1
                 self.state.batch += 1
                 now = time.perf_counter()
                 record = {"type": "train", "step": self.state.step, "epoch": epoch, **values,
-                          "lr": self.optimizer.param_groups[0]["lr"],
+                          "lr": self.lr,
                           "samples_per_s": cfg.batch_size / max(now - last_time, 1e-9)}
                 last_time = now
                 for cb in self.callbacks:
@@ -329,31 +332,59 @@ class Trainer:
                            time.perf_counter() - t_start, resumed)
 
     def _term_names(self, model: BaseModel, loader: BatchLoader) -> list[str]:
-        x, _ = next(loader.epoch(0))
+        """Names of the logged loss terms, from a forward pass on two examples (RNG untouched)."""
+        x, y = next(loader.epoch(0))
         devices = [self.device] if self.device.type == "cuda" else []
+        kwargs = {"y": y[:2]} if model.needs_labels else {}
         with torch.no_grad(), torch.random.fork_rng(devices=devices):
             was = model.training
-            out = model(x[:2])
+            model.eval()  # eval mode: no running statistics (EMA codebooks, batch norm) are updated
+            out = model(x[:2], **kwargs)
             model.train(was)
         return list(out.terms())
 
-    def _step(self, net: torch.nn.Module, x: torch.Tensor, names: list[str]) -> dict[str, float]:
-        assert self.optimizer is not None
-        with self._autocast():
-            out = net(x, check=self._check_inputs)
+    @property
+    def lr(self) -> float:
+        """Learning rate of the first optimizer's first parameter group."""
+        return next(iter(self.optimizers.values())).param_groups[0]["lr"]
+
+    def forward_kwargs(self, y: torch.Tensor) -> dict[str, Any]:
+        """Keyword arguments of this step's forward call."""
+        kwargs: dict[str, Any] = {"check": self._check_inputs}
+        if self.model.needs_labels:
+            kwargs["y"] = y
+        return kwargs
+
+    def _step(self, net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, names: list[str]) -> dict[str, float]:
+        kwargs = self.forward_kwargs(y)
         self._check_inputs = False
-        terms = out.terms()
-        packed = torch.stack([terms[k].detach().float() for k in names])
-        packed = D.all_reduce_mean(packed, self.dist)
-        values = dict(zip(names, packed.tolist(), strict=True))
+        if self.model.custom_train_step:
+            with self._autocast():
+                out = self.model.train_step(net, x, y, self.optimizers, kwargs)
+            values = self._gather_terms(out, names)
+            if not all(math.isfinite(v) for v in values.values()):
+                self._diverged(values)
+            return values
+        with self._autocast():
+            out = net(x, **kwargs)
+        values = self._gather_terms(out, names)
         if not all(math.isfinite(v) for v in values.values()):
             self._diverged(values)
-        self.optimizer.zero_grad(set_to_none=True)
+        for opt in self.optimizers.values():
+            opt.zero_grad(set_to_none=True)
         out.loss.backward()
         if self.config.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
-        self.optimizer.step()
+        for opt in self.optimizers.values():
+            opt.step()
         return values
+
+    def _gather_terms(self, out: Any, names: list[str]) -> dict[str, float]:
+        """Loss terms as floats, averaged over ranks (one host sync)."""
+        terms = out.terms()
+        packed = torch.stack([terms[k].detach().float() for k in names])
+        packed = D.all_reduce_mean(packed, self.dist)
+        return dict(zip(names, packed.tolist(), strict=True))
 
     def _diverged(self, values: dict[str, float]) -> None:
         step = self.state.step + 1

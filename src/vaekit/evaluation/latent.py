@@ -1,0 +1,60 @@
+"""Statistics of the latent code: active units and the mutual information I(x; z)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from vaekit.errors import InputError
+from vaekit.objectives.likelihoods import LOG_2PI
+
+
+def _check_pair(mean: torch.Tensor, logvar: torch.Tensor | None = None) -> None:
+    if not isinstance(mean, torch.Tensor) or mean.ndim != 2 or mean.shape[0] < 2:
+        got = tuple(mean.shape) if isinstance(mean, torch.Tensor) else type(mean).__name__
+        raise InputError(f"posterior means must be a tensor (N >= 2, D), got {got}")
+    if logvar is not None and logvar.shape != mean.shape:
+        raise InputError(f"logvar must have the shape of mean {tuple(mean.shape)}, got {tuple(logvar.shape)}")
+
+
+def unit_activity(mean: torch.Tensor) -> torch.Tensor:
+    """Cov_x(E_q[z_u]) for each unit u: the variance over examples of the posterior means, (D,)."""
+    _check_pair(mean)
+    return mean.double().var(0, unbiased=False)
+
+
+def active_units(mean: torch.Tensor, threshold: float = 0.01) -> int:
+    """Number of active units (Burda et al. 2015): units whose activity exceeds ``threshold``.
+
+    ``mean``: posterior means E_q[z|x] of held-out examples, (N, D).
+    """
+    if not threshold >= 0:
+        raise InputError(f"threshold must be >= 0, got {threshold!r}")
+    return int((unit_activity(mean) > threshold).sum())
+
+
+@torch.no_grad()
+def mutual_information(
+    mean: torch.Tensor, logvar: torch.Tensor, generator: torch.Generator | None = None, chunk: int = 256
+) -> float:
+    """I(x; z) under q, with the aggregate posterior q(z) = (1/N) sum_n q(z|x_n) (He et al. 2019).
+
+    I = E_x E_{q(z|x)}[log q(z|x)] - E_{q(z)}[log q(z)], one z drawn per example, log q(z)
+    estimated over the same N examples. ``mean``, ``logvar``: (N, D). Returns nats. Memory
+    is O(chunk * N * D).
+    """
+    _check_pair(mean, logvar)
+    mean, logvar = mean.double(), logvar.double()
+    N, D = mean.shape
+    neg_entropy = (-0.5 * D * LOG_2PI - 0.5 * (1.0 + logvar).sum(-1)).mean()
+    noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype, device="cpu").to(mean.device)
+    z = mean + torch.exp(0.5 * logvar) * noise  # (N, D)
+    inv_var = torch.exp(-logvar)  # (N, D)
+    log_norm = -0.5 * (logvar.sum(-1) + D * LOG_2PI)  # (N,)
+    log_qz = []
+    for i in range(0, N, chunk):
+        zi = z[i : i + chunk, None, :]  # (c, 1, D)
+        dens = log_norm[None, :] - 0.5 * ((zi - mean[None]) ** 2 * inv_var[None]).sum(-1)  # (c, N)
+        log_qz.append(torch.logsumexp(dens, dim=1) - math.log(N))
+    return float(neg_entropy - torch.cat(log_qz).mean())

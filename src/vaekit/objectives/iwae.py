@@ -1,0 +1,38 @@
+"""Importance-weighted bounds (Burda et al. 2015), shared by the IWAE objective and the NLL evaluation.
+
+log p(x) >= L_k = E[ logsumexp_k( log p(x|z_k) + log p(z_k) - log q(z_k|x) ) - log k ],
+z_k ~ q(z|x). L_1 is the ELBO; L_k tightens as k grows and tends to log p(x).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from vaekit.errors import InputError
+from vaekit.objectives.likelihoods import log_standard_normal
+
+
+def log_importance_weights(model: Any, x: torch.Tensor, k: int, y: torch.Tensor | None = None) -> torch.Tensor:
+    """log w_k = log p(x|z_k) + log p(z_k) - log q(z_k|x) for k samples per example: (k, B).
+
+    ``model`` must have ``encode(x)`` returning a posterior with ``rsample(n)`` and
+    ``log_prob(z)``, and ``decode(z)`` accepting extra leading sample dims. A model with a
+    non-standard prior may define ``log_prior(z, y)``; conditional models take ``y``.
+    Gradients flow (reparameterized), so this serves training as well as evaluation.
+    """
+    if not isinstance(k, int) or k < 1:
+        raise InputError(f"k must be a positive integer, got {k!r}")
+    q = model.encode(x, y) if y is not None else model.encode(x)
+    z = q.rsample(k)  # (k, B, D)
+    lik = model.decode(z, y) if y is not None else model.decode(z)
+    log_px_z = lik.log_prob(x)  # (k, B)
+    log_pz = model.log_prior(z, y) if hasattr(model, "log_prior") else log_standard_normal(z)
+    return log_px_z + log_pz - q.log_prob(z)
+
+
+def iwae_bound(log_w: torch.Tensor) -> torch.Tensor:
+    """Per-example bound logsumexp_k(log w) - log k from log weights (k, B): (B,)."""
+    return torch.logsumexp(log_w, dim=0) - math.log(log_w.shape[0])
