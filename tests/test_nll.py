@@ -168,3 +168,21 @@ def test_bad_arguments_raise_clear_errors():
     with pytest.raises(InputError, match="1-D"):
         NLLAccumulator(4).update(torch.zeros(2, 2))
     assert supports_nll(model) == (True, "")
+
+
+def test_fast_bernoulli_log_prob_equals_bce_with_logits_for_grey_targets_and_sample_dims():
+    import torch.nn.functional as F
+
+    from vaekit.objectives.likelihoods import bernoulli_log_prob
+
+    g = torch.Generator().manual_seed(4)
+    logits = (5 * torch.randn(7, 3, 1, 4, 4, generator=g, dtype=torch.float64)).requires_grad_(True)
+    x = torch.rand(3, 1, 4, 4, generator=g, dtype=torch.float64)  # grey levels
+    ref = -F.binary_cross_entropy_with_logits(logits, x.expand_as(logits), reduction="none").sum((2, 3, 4))
+    got = bernoulli_log_prob(logits, x, 3)
+    assert got.shape == (7, 3) and torch.allclose(got, ref)
+    (g1,) = torch.autograd.grad(got.sum(), logits)
+    (g2,) = torch.autograd.grad(ref.sum(), logits)
+    assert torch.allclose(g1, g2)
+    same_shape = bernoulli_log_prob(logits[0], x, 3)
+    assert torch.allclose(same_shape, ref[0])

@@ -38,6 +38,7 @@ from vaekit.models.vae import VAEOutput
 from vaekit.nn.distributions import DiagonalGaussian
 from vaekit.nn.layers import ACTIVATIONS, ConvEncoder, activation, mlp
 from vaekit.objectives.kl_control import KLControl, kl_term
+from vaekit.objectives.likelihoods import bernoulli_log_prob
 
 
 @dataclass
@@ -56,6 +57,7 @@ class PixelVAEConfig:
     ar_hidden: tuple[int, ...] = (64,)  # pointwise (1x1) layer widths after the masked convolution
     activation: str = "elu"  # one of nn.layers.ACTIVATIONS
     beta: float = 1.0  # weight of the KL term
+    free_bits: float = 0.0  # lambda, nats per latent dim: optimize sum_j max(lambda, KL_j) (0: off)
 
     def __post_init__(self) -> None:
         if len(self.input_shape) != 3 or any(not isinstance(s, int) or s <= 0 for s in self.input_shape):
@@ -76,6 +78,7 @@ class PixelVAEConfig:
         check_positive("model.ar_channels", self.ar_channels, integer=True)
         check_choice("model.activation", self.activation, tuple(ACTIVATIONS))
         check_positive("model.beta", self.beta, allow_zero=True)
+        check_positive("model.free_bits", self.free_bits, allow_zero=True)
 
 
 def causal_mask(kernel: int) -> torch.Tensor:
@@ -118,9 +121,7 @@ class LocalARLikelihood:
 
     def log_prob(self, x: torch.Tensor) -> torch.Tensor:
         """log p(x|z) summed over pixels: (..., B). x must be binary for an exact likelihood."""
-        logits = self.logits(x)
-        xb = x.expand_as(logits)
-        return -F.binary_cross_entropy_with_logits(logits, xb, reduction="none").flatten(-3).sum(-1)
+        return bernoulli_log_prob(self.logits(x), x, 3)
 
     def _sample_path(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self._path is None:
@@ -244,6 +245,7 @@ class PixelVAE(BaseModel):
         """Negative ELBO of a batch x (B, 1, H, W), one reparameterized sample per example.
 
         Same terms and options as :meth:`vaekit.models.vae.VAE.forward`; ``y`` is ignored.
+        ``config.free_bits`` applies unless a ``kl_control`` is passed (the trainer's schedules win).
         """
         self.check_input(x)
         if check:
@@ -254,7 +256,8 @@ class PixelVAE(BaseModel):
         kl_pd = posterior.kl()  # (B, D)
         kl_pe = kl_pd.sum(1)
         recon, kl, kl_dim = recon_pe.mean(), kl_pe.mean(), kl_pd.mean(0)
-        control = kl_control or KLControl(weight=self.config.beta if beta is None else beta)
+        control = kl_control or KLControl(weight=self.config.beta if beta is None else beta,
+                                          free_bits=self.config.free_bits)
         term, kl_used = kl_term(kl_dim, control)
         return VAEOutput(
             loss=recon + term, recon=recon, kl=kl, kl_per_dim=kl_dim, kl_used=kl_used,
