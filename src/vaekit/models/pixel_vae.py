@@ -7,9 +7,9 @@ Binary images only (Bernoulli pixels). The decoder factorizes over pixels in ras
 
 where ``a(x)`` comes from one masked ``K x K`` convolution (mask "A" of van den Oord et al. 2016:
 the rows above and the pixels to the left, never the pixel itself) followed by pointwise (1x1)
-layers, and ``g(z)`` from an MLP that outputs ``1 + mix_channels`` maps. Two design choices make
-this model cheap to *evaluate* with thousands of importance samples, which is what an NLL with
-k = 5000 needs:
+layers (implemented as a gather of the causal taps and per-pixel Linear layers), and ``g(z)``
+from an MLP that outputs ``1 + mix_channels`` maps. Two design choices make this model cheap to
+*evaluate* with thousands of importance samples, which is what an NLL with k = 5000 needs:
 
 * the autoregressive features depend on x only, so they are computed once per image and shared by
   every latent sample; per sample the cost is the z-MLP plus ``1 + mix_channels`` products per pixel;
@@ -55,7 +55,7 @@ class PixelVAEConfig:
     ar_kernel: int = 7  # K, odd: size of the masked causal window
     ar_channels: int = 64  # channels of the masked convolution
     ar_hidden: tuple[int, ...] = (64,)  # pointwise (1x1) layer widths after the masked convolution
-    activation: str = "elu"  # one of nn.layers.ACTIVATIONS
+    activation: str = "relu"  # one of nn.layers.ACTIVATIONS
     beta: float = 1.0  # weight of the KL term
     free_bits: float = 0.0  # lambda, nats per latent dim: optimize sum_j max(lambda, KL_j) (0: off)
 
@@ -90,15 +90,24 @@ def causal_mask(kernel: int) -> torch.Tensor:
     return mask
 
 
-class MaskedConv2d(nn.Conv2d):
-    """A 2-D convolution whose kernel sees only already generated pixels (mask "A")."""
+def causal_offsets(kernel: int) -> list[tuple[int, int]]:
+    """(dy, dx) of the pixels inside mask "A" relative to the centre, in raster order."""
+    c = kernel // 2
+    mask = causal_mask(kernel)
+    return [(r - c, q - c) for r in range(kernel) for q in range(kernel) if mask[r, q] > 0]
 
-    def __init__(self, in_channels: int, out_channels: int, kernel: int):
-        super().__init__(in_channels, out_channels, kernel, padding=kernel // 2)
-        self.register_buffer("mask", causal_mask(kernel)[None, None], persistent=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(x, self.weight * self.mask, self.bias, padding=self.padding)
+def causal_taps(x: torch.Tensor, kernel: int) -> torch.Tensor:
+    """The already generated neighbours of every pixel: x (B, 1, H, W) -> (B, H, W, T), zeros off the image.
+
+    Same as a convolution with mask "A" applied to the weights, but gathering only the T causal
+    taps and applying the weights as one matmul, which is several times faster on CPU than a
+    masked K x K convolution followed by 1x1 convolutions.
+    """
+    c = kernel // 2
+    H, W = x.shape[-2:]
+    xp = F.pad(x[:, 0], (c, c, c, 0))  # pad left, right and top; nothing below is ever used
+    return torch.stack([xp[:, c + dy : c + dy + H, c + dx : c + dx + W] for dy, dx in causal_offsets(kernel)], -1)
 
 
 class LocalARLikelihood:
@@ -165,14 +174,10 @@ class PixelVAE(BaseModel):
         self.z_body = mlp([c.latent_dim, *c.decoder_hidden], c.activation, final_act=True) \
             if c.decoder_hidden else nn.Identity()
         self.z_out = nn.Linear(c.decoder_hidden[-1] if c.decoder_hidden else c.latent_dim, maps * H * W)
-        self.ar_conv = MaskedConv2d(1, c.ar_channels, c.ar_kernel)
-        layers: list[nn.Module] = [activation(c.activation)]
-        width = c.ar_channels
-        for h in c.ar_hidden:
-            layers += [nn.Conv2d(width, h, 1), activation(c.activation)]
-            width = h
-        layers.append(nn.Conv2d(width, maps, 1))
-        self.ar_head = nn.Sequential(*layers)
+        # pixel-wise network on the causal window: Linear layers over the last (channel) axis
+        self.ar_in = nn.Linear(len(causal_offsets(c.ar_kernel)), c.ar_channels)
+        self.ar_head = mlp([c.ar_channels, *c.ar_hidden, maps], c.activation, final_act=False)
+        self.ar_act = activation(c.activation)
 
     # -- the probabilistic pieces ----------------------------------------------------------------
     def encode(self, x: torch.Tensor) -> DiagonalGaussian:
@@ -189,7 +194,8 @@ class PixelVAE(BaseModel):
 
     def x_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 1, H, W) -> (B, 1 + c, H, W): the causal part; pixel i sees only x_<i."""
-        return self.ar_head(self.ar_conv(x))
+        taps = causal_taps(x, self.config.ar_kernel)  # (B, H, W, T)
+        return self.ar_head(self.ar_act(self.ar_in(taps))).permute(0, 3, 1, 2)
 
     def decode(self, z: torch.Tensor, generator: torch.Generator | None = None) -> LocalARLikelihood:
         """p(x|z) for z (..., D); ``log_prob(x)`` returns (..., B)."""
@@ -211,15 +217,14 @@ class PixelVAE(BaseModel):
         pad = K // 2
         canvas = torch.zeros(n, 1, H + 2 * pad, W + 2 * pad, device=g.device, dtype=g.dtype)
         probs = torch.zeros(n, 1, H, W, device=g.device, dtype=g.dtype)
-        weight = (self.ar_conv.weight * self.ar_conv.mask).flatten(1).t()  # (K*K, F)
-        bias = self.ar_conv.bias
+        rows = [pad + dy for dy, _ in causal_offsets(K)]  # tap positions inside the K x K window
+        cols = [pad + dx for _, dx in causal_offsets(K)]
         with _single_thread(n < 512):
             for r in range(H):
                 for col in range(W):
-                    window = canvas[:, 0, r : r + K, col : col + K].reshape(n, K * K)
-                    h = (window @ weight + bias)[:, :, None, None]  # (n, F, 1, 1)
-                    a = self.ar_head(h)  # (n, 1 + c, 1, 1)
-                    logit = combine(a, g[:, :, r : r + 1, col : col + 1])[:, 0, 0, 0]
+                    taps = canvas[:, 0, r : r + K, col : col + K][:, rows, cols]  # (n, T)
+                    a = self.ar_head(self.ar_act(self.ar_in(taps)))  # (n, 1 + c)
+                    logit = combine(a[:, :, None, None], g[:, :, r : r + 1, col : col + 1])[:, 0, 0, 0]
                     p = torch.sigmoid(logit)
                     u = torch.rand(n, generator=generator, device="cpu", dtype=p.dtype).to(p.device) \
                         if generator is not None else torch.rand_like(p)
@@ -302,4 +307,5 @@ def receptive_field(config: PixelVAEConfig) -> int:
     return int(causal_mask(config.ar_kernel).sum().item())
 
 
-__all__ = ["LocalARLikelihood", "MaskedConv2d", "PixelVAE", "PixelVAEConfig", "causal_mask", "receptive_field"]
+__all__ = ["LocalARLikelihood", "PixelVAE", "PixelVAEConfig", "causal_mask", "causal_offsets", "causal_taps",
+           "receptive_field"]
