@@ -42,6 +42,7 @@ only the images a run uses are read into memory.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -126,14 +127,16 @@ def render_template(shape: int, scale: float, theta: float) -> np.ndarray:
     return _inside(shape, u, v)
 
 
+@functools.lru_cache(maxsize=1)
 def templates() -> np.ndarray:
-    """(3, 6, 40, 64, 64) uint8: every (shape, scale, orientation) sprite at the canvas centre."""
+    """(3, 6, 40, 64, 64) uint8, read-only: every (shape, scale, orientation) sprite at the canvas centre."""
     vals = factor_values()
     out = np.zeros((3, 6, 40, IMAGE_SIZE, IMAGE_SIZE), dtype=np.uint8)
     for sh in range(3):
         for sc, scale in enumerate(vals["scale"]):
             for o, theta in enumerate(vals["orientation"]):
                 out[sh, sc, o] = render_template(sh, float(scale), float(theta))
+    out.setflags(write=False)  # cached and shared
     return out
 
 
