@@ -70,6 +70,8 @@ def run_recipe(name: str, args: argparse.Namespace) -> dict:
         timing_file.write_text(json.dumps(timing, indent=2) + "\n")
     timing = json.loads(timing_file.read_text()) if timing_file.is_file() else {}
     report_file = run_dir / "report" / "report.json"
+    if args.train_only:
+        return {}
     if args.reevaluate or not report_file.is_file():
         if args.threads:
             torch.set_num_threads(args.threads)
@@ -115,6 +117,7 @@ def main() -> int:
     p.add_argument("--set", action="append", help="extra config override for every recipe trained")
     p.add_argument("--reevaluate", action="store_true", help="re-run the evaluation of finished runs")
     p.add_argument("--table-only", action="store_true", help="only rebuild the table from saved reports")
+    p.add_argument("--train-only", action="store_true", help="train (or skip finished runs), do not evaluate")
     args = p.parse_args()
     names = [n.strip() for n in args.recipes.split(",") if n.strip()]
     bad = [n for n in names if n not in RECIPES]
@@ -132,8 +135,12 @@ def main() -> int:
             timing = json.loads(timing_file.read_text()) if timing_file.is_file() else {}
             entries.append({"recipe": name, "config": RECIPES[name]["config"], "published": RECIPES[name]["published"],
                             **timing, "report": json.loads(report.read_text())})
+        elif args.train_only:
+            run_recipe(name, args)
         else:
             entries.append(run_recipe(name, args))
+    if args.train_only:
+        return 0
     headers = ["recipe", "training", "test -ELBO", "NLL nats", "AU", "MI", "FID", "MIG"]
     print_table(headers, [row(e) for e in entries])
     for e in entries:
