@@ -68,3 +68,15 @@ def test_cli_evaluate_writes_a_report(tmp_path, capsys, mnist):
     rep = json.loads((tmp_path / "r" / "report.json").read_text())
     assert rep["binarize"] == "dynamic" and rep["metrics"]["nll"]["n"] == 30
     assert main(["evaluate", str(tmp_path / "m"), "--metrics", "elbo,bogus"]) == 2
+
+
+def test_nll_is_skipped_with_the_reason_for_a_model_without_a_probabilistic_posterior(small, tmp_path):
+    class Deterministic(VAE):
+        def encode(self, x):
+            return super().encode(x).mean  # a plain tensor, like a VQ-VAE's codes
+
+    torch.manual_seed(0)
+    model = Deterministic(VAEConfig(latent_dim=2, hidden_sizes=(8,)))
+    rep = evaluate_model(model, small, tmp_path, EvalConfig(metrics=("nll", "latent"), batch_size=100))
+    assert "no rsample, log_prob" in rep["metrics"]["nll"]["skipped"]
+    assert "mean/logvar" in rep["metrics"]["latent"]["skipped"]

@@ -33,6 +33,22 @@ def supports_nll(model: Any) -> tuple[bool, str]:
     return True, ""
 
 
+@torch.no_grad()
+def probe_posterior(model: Any, x: torch.Tensor, y: torch.Tensor | None = None) -> tuple[bool, str]:
+    """(True, "") if ``model.encode(x)`` returns a posterior with ``rsample`` and ``log_prob``; else (False, why).
+
+    Used to skip the NLL (with the reason) for families whose encoder is not probabilistic.
+    """
+    ok, why = supports_nll(model)
+    if not ok:
+        return ok, why
+    q = model.encode(x, y) if y is not None else model.encode(x)
+    missing = [a for a in ("rsample", "log_prob") if not callable(getattr(q, a, None))]
+    if missing:
+        return False, f"{type(model).__name__}.encode returns {type(q).__name__}, which has no {', '.join(missing)}"
+    return True, ""
+
+
 def _check_model(model: Any) -> None:
     ok, why = supports_nll(model)
     if not ok:

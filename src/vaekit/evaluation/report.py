@@ -34,7 +34,7 @@ from vaekit.errors import ConfigError, InputError, ModelFormatError, describe
 from vaekit.evaluation.elbo import evaluate_elbo
 from vaekit.evaluation.images import save_grid
 from vaekit.evaluation.latent import active_units, mutual_information
-from vaekit.evaluation.nll import nll, supports_nll
+from vaekit.evaluation.nll import nll, probe_posterior
 from vaekit.evaluation.reconstruction import reconstruction_metrics
 from vaekit.evaluation.traversals import dims_by_kl, interpolations, reconstruction_rows, traversals
 
@@ -141,7 +141,11 @@ def _part_latent(ctx: _Context) -> dict[str, Any]:
 
 
 def _part_nll(ctx: _Context) -> dict[str, Any]:
-    ok, why = supports_nll(ctx.model)
+    x, y = next(iter(ctx.test_batches(2)))
+    was = ctx.model.training
+    ctx.model.eval()
+    ok, why = probe_posterior(ctx.model, x, y if getattr(ctx.model, "needs_labels", False) else None)
+    ctx.model.train(was)
     if not ok:
         raise SkippedError(why)
     c = ctx.config
