@@ -136,3 +136,14 @@ def test_reference_stats_are_cached_and_fid_of_the_test_split_is_zero(tiny_extra
 def test_default_extractor_reaches_99_percent_on_mnist(tmp_path, mnist):
     ext = load_extractor("mnist", train_extractor("mnist", out_dir=tmp_path / "mnist", data=mnist))
     assert ext.test_accuracy >= 0.99
+
+
+def test_cli_info_prints_the_artifact(tiny_extractor, capsys):
+    from vaekit.cli.main import main
+
+    folder, _ = tiny_extractor
+    assert main(["fid-extractor", "info", "mnist", "--path", str(folder)]) == 0
+    out = capsys.readouterr().out
+    assert "test_accuracy" in out and "weights hash" in out
+    assert main(["fid-extractor", "info", "mnist", "--path", str(folder / "missing")]) == 2
+    assert "vaekit fid-extractor train mnist" in capsys.readouterr().err
