@@ -118,3 +118,19 @@ def test_bad_inputs_raise_clear_errors():
         mig_sampling(mean, logvar, f, (3, 6))
     with pytest.raises(InputError, match="logvar"):
         mig_sampling(mean, logvar[:, :2], f, SIZES)
+
+
+def test_dsprites_mig_runs_both_estimators_and_names_them():
+    from vaekit.evaluation.mig import dsprites_mig
+    from vaekit.models import VAE, VAEConfig
+
+    torch.manual_seed(0)
+    model = VAE(VAEConfig(input_shape=(1, 64, 64), latent_dim=3, architecture="conv", conv_channels=(4, 4, 4, 4),
+                          hidden_sizes=(16,)))
+    res = dsprites_mig(model, n_histogram=400, n_sampling=600, n_samples=300)
+    assert res["histogram"]["factor_names"] == ["shape", "scale", "orientation", "posX", "posY"]
+    assert res["sampling"]["factor_names"] == ["scale", "orientation", "posX", "posY"]
+    assert 0 <= res["histogram"]["mig_histogram"] <= 1 and 0 <= res["sampling"]["mig_sampling"] <= 1
+    assert res["sampling"]["images"] == "uniform subsample of 600"
+    with pytest.raises(InputError, match="1, 64, 64"):
+        dsprites_mig(VAE(VAEConfig(latent_dim=2, hidden_sizes=(8,))))
