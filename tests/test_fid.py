@@ -89,8 +89,8 @@ def test_numerical_guards():
 
 @pytest.fixture(scope="module")
 def tiny_extractor(tmp_path_factory, mnist):
-    """One epoch on 3,000 train images (seconds): enough for the artifact and cache mechanics."""
-    small = ImageDataset("mnist", mnist.train.subset(3000), mnist.test.subset(1000), mnist.classes)
+    """One epoch on 1,500 train images (seconds): enough for the artifact and cache mechanics."""
+    small = ImageDataset("mnist", mnist.train.subset(1500), mnist.test.subset(1000), mnist.classes)
     out = tmp_path_factory.mktemp("ext") / "mnist"
     return train_extractor("mnist", out_dir=out, seed=0, epochs=1, data=small), small
 

@@ -61,12 +61,12 @@ def test_cli_evaluate_writes_a_report(tmp_path, capsys, mnist):
     torch.manual_seed(0)
     VAE(VAEConfig(latent_dim=2, hidden_sizes=(16,))).save(tmp_path / "m", metadata={"data": {"binarize": "dynamic"}})
     argv = ["evaluate", str(tmp_path / "m"), "--metrics", "elbo,nll,latent", "-k", "5", "--nll-examples", "30",
-            "--report-dir", str(tmp_path / "r")]
+            "--examples", "300", "--report-dir", str(tmp_path / "r")]
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "NLL (k=5)" in out and "active units" in out
     rep = json.loads((tmp_path / "r" / "report.json").read_text())
-    assert rep["binarize"] == "dynamic" and rep["metrics"]["nll"]["n"] == 30
+    assert rep["binarize"] == "dynamic" and rep["metrics"]["nll"]["n"] == 30 and rep["metrics"]["elbo"]["n"] == 300
     assert main(["evaluate", str(tmp_path / "m"), "--metrics", "elbo,bogus"]) == 2
 
 

@@ -32,6 +32,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--report-dir", help="report folder (default: RUN/report, or MODEL/report)")
     p.add_argument("-k", type=int, default=5000, help="importance samples per example for the NLL")
     p.add_argument("--nll-examples", type=int, help="first N test examples for the NLL (default: all)")
+    p.add_argument("--examples", type=int, help="evaluate every part on the first N test examples (default: all)")
     p.add_argument("--fid-samples", type=int, default=10000, help="generated images for FID")
     p.add_argument("--mig-images", type=int, default=100_000,
                    help="dSprites images for the sampling MIG (0: the whole grid, 737,280)")
@@ -72,7 +73,7 @@ def run_report(args: argparse.Namespace, model, ds, data_cfg: dict, run_dir: Pat
     metrics = tuple(m.strip() for m in args.metrics.split(",") if m.strip())
     config = EvalConfig(metrics=metrics, k=args.k, nll_examples=args.nll_examples, fid_samples=args.fid_samples,
                         mig_sampling_images=args.mig_images or None, batch_size=args.batch_size, seed=args.seed,
-                        extractor_path=args.extractor)
+                        extractor_path=args.extractor, test_examples=args.examples)
     model_dir = Path(args.model) if run_dir is None else run_dir
     out = Path(args.report_dir) if args.report_dir else model_dir / "report"
     binarize = data_cfg.get("binarize", "none")

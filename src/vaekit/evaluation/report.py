@@ -59,6 +59,7 @@ class EvalConfig:
     seed: int = 0  # every random draw of the evaluation derives from it
     extractor_path: str | None = None  # FID extractor folder (None: the cache location)
     traversal_dims: int = 10  # latent dims shown in traversals (largest KL first)
+    test_examples: int | None = None  # evaluate on the first N test examples only (None: the whole split)
 
     def __post_init__(self) -> None:
         metrics = tuple(self.metrics)
@@ -73,7 +74,7 @@ class EvalConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {describe(v)}")
-        for name in ("nll_examples", "recon_examples", "mig_sampling_images"):
+        for name in ("nll_examples", "recon_examples", "mig_sampling_images", "test_examples"):
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 raise ConfigError(f"{name} must be a positive integer or None, got {describe(v)}")
@@ -257,6 +258,9 @@ def evaluate_model(
         raise InputError(f"dataset images have shape {dataset.image_shape}, the model expects {model.input_shape}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if config.test_examples is not None and config.test_examples < len(dataset.test):
+        dataset = ImageDataset(dataset.name, dataset.train, dataset.test.subset(config.test_examples), dataset.classes,
+                               dataset.provenance, dataset.info)
     ctx = _Context(model, dataset, binarize, config, out, {})
     timings: dict[str, float] = {}
     order = [m for m in METRICS if m in config.metrics]  # elbo before images (traversals use its KL)
