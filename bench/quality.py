@@ -42,11 +42,11 @@ from vaekit.training import load_run_config, train  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = {
-    "burda": {"config": "configs/burda_mlp.yaml", "metrics": ("elbo", "latent", "nll", "fid"),
+    "burda": {"config": "configs/burda_mlp.yaml", "metrics": ("elbo", "latent", "nll", "recon", "fid", "images"),
               "published": "Burda et al. 2015, VAE 1 layer: NLL 86.76 after 3,280 passes"},
-    "pixel": {"config": "configs/pixel_vae_mnist.yaml", "metrics": ("elbo", "latent", "nll", "fid"),
+    "pixel": {"config": "configs/pixel_vae_mnist.yaml", "metrics": ("elbo", "latent", "nll", "recon", "fid", "images"),
               "published": "target: NLL < 86.76 within 45 min of training here"},
-    "dsprites": {"config": "configs/beta_vae_dsprites.yaml", "metrics": ("elbo", "latent", "mig"),
+    "dsprites": {"config": "configs/beta_vae_dsprites.yaml", "metrics": ("elbo", "latent", "recon", "mig", "images"),
                  "published": "beta-VAE (Higgins et al. 2017), beta = 4"},
 }
 
