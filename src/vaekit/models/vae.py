@@ -39,6 +39,8 @@ class VAEConfig:
     decoder: Literal["mirror", "pixelcnn"] = "mirror"  # mirror of the encoder body, or an autoregressive PixelCNN
     pixelcnn_channels: int = 32  # PixelCNN decoder: feature channels
     pixelcnn_layers: int = 5  # PixelCNN decoder: masked 3x3 layers after the 7x7 first one
+    pixelcnn_dilation_cycle: int = 1  # PixelCNN decoder: dilations 1, 2, 4, ... repeat every N layers (1: none)
+    pixelcnn_full_context: bool = False  # PixelCNN decoder: add a masked linear map from all earlier pixels
     decoder_dropout: float = 0.0  # PixelCNN decoder: probability of hiding each input pixel while training
 
     def __post_init__(self) -> None:
@@ -59,6 +61,7 @@ class VAEConfig:
         check_choice("model.decoder", self.decoder, ("mirror", "pixelcnn"))
         check_positive("model.pixelcnn_channels", self.pixelcnn_channels, integer=True)
         check_positive("model.pixelcnn_layers", self.pixelcnn_layers, allow_zero=True, integer=True)
+        check_positive("model.pixelcnn_dilation_cycle", self.pixelcnn_dilation_cycle, integer=True)
         if not 0 <= self.decoder_dropout < 1:
             raise ConfigError(f"model.decoder_dropout must be in [0, 1), got {self.decoder_dropout!r}")
         if self.decoder == "pixelcnn" and self.likelihood != "bernoulli":
@@ -110,7 +113,9 @@ class VAE(BaseModel):
             if c.decoder == "mirror":
                 self.decoder = ConvDecoder(c.latent_dim, out_shape, c.conv_channels, c.hidden_sizes, c.activation)
         if c.decoder == "pixelcnn":
-            self.decoder = PixelCNNDecoder(c.latent_dim, c.input_shape, c.pixelcnn_channels, c.pixelcnn_layers)
+            self.decoder = PixelCNNDecoder(c.latent_dim, c.input_shape, c.pixelcnn_channels, c.pixelcnn_layers,
+                                           dilation_cycle=c.pixelcnn_dilation_cycle,
+                                           full_context=c.pixelcnn_full_context)
         self.to_mean = nn.Linear(self.encoder.out_features, c.latent_dim)
         self.to_logvar = nn.Linear(self.encoder.out_features, c.latent_dim)
         if c.likelihood == "gaussian":

@@ -35,6 +35,19 @@ class MaskedConv2d(nn.Conv2d):
         return F.conv2d(x, self.weight * self.mask, self.bias, self.stride, self.padding, self.dilation)
 
 
+class MaskedLinear(nn.Linear):
+    """n -> n linear map where output i depends only on inputs j < i (raster order)."""
+
+    def __init__(self, n: int):
+        super().__init__(n, n)
+        self.register_buffer("mask", torch.tril(torch.ones(n, n), diagonal=-1))
+        with torch.no_grad():
+            self.weight.zero_()  # start as a plain PixelCNN; the full context is learned
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight * self.mask, self.bias)
+
+
 class PixelCNNDecoder(nn.Module):
     """logits (B, C, H, W) of Bernoulli pixels from the image so far (teacher forcing) and z.
 
@@ -44,16 +57,26 @@ class PixelCNNDecoder(nn.Module):
     """
 
     def __init__(self, latent_dim: int, image_shape: tuple[int, int, int], channels: int = 32, layers: int = 5,
-                 kernel: int = 3, first_kernel: int = 7):
+                 kernel: int = 3, first_kernel: int = 7, dilation_cycle: int = 1, full_context: bool = False):
         super().__init__()
         C, H, W = image_shape
         self.image_shape, self.channels = (C, H, W), channels
+        # dilations 1, 2, 4, ... repeating every `dilation_cycle` layers widen the context cheaply
+        dilations = [2 ** (i % dilation_cycle) for i in range(layers)]
         self.cond = nn.Linear(latent_dim, channels * H * W)
         self.first = MaskedConv2d("A", C, channels, first_kernel)
-        self.layers = nn.ModuleList(MaskedConv2d("B", channels, channels, kernel) for _ in range(layers))
+        self.layers = nn.ModuleList(MaskedConv2d("B", channels, channels, kernel, d) for d in dilations)
         self.cond_proj = nn.ModuleList(nn.Conv2d(channels, channels, 1) for _ in range(layers))
         self.head = nn.Sequential(nn.ReLU(), nn.Conv2d(channels, channels, 1), nn.ReLU(), nn.Conv2d(channels, C, 1))
-        self.receptive_rows = first_kernel // 2 + layers * (kernel // 2)
+        self.receptive_rows = first_kernel // 2 + sum(d * (kernel // 2) for d in dilations)
+        self.full_context = None
+        if full_context:
+            # every pixel also sees ALL earlier pixels through a raster-order masked linear map
+            # (a fully visible sigmoid belief net term): no blind spot, no receptive-field limit
+            if C != 1:
+                raise ConfigError(f"full_context supports one channel, got {C}")
+            self.full_context = MaskedLinear(H * W)
+            self.receptive_rows = H
 
     def condition(self, z: torch.Tensor) -> torch.Tensor:
         """z (N, D) -> conditioning map (N, channels, H, W)."""
@@ -64,7 +87,13 @@ class PixelCNNDecoder(nn.Module):
         h = self.first(x) + cond
         for conv, proj in zip(self.layers, self.cond_proj, strict=True):
             h = h + F.relu(conv(F.relu(h)) + proj(cond))
-        return self.head(h)
+        logits = self.head(h)
+        if self.full_context is not None:
+            # while sampling x holds rows 0..i only (receptive_rows = H: crops start at row 0)
+            rows = x.shape[2]
+            full = self.full_context(F.pad(x, (0, 0, 0, self.image_shape[1] - rows)).flatten(1))
+            logits = logits + full.view(-1, 1, *self.image_shape[1:])[:, :, :rows]
+        return logits
 
     @torch.no_grad()
     def sample(self, cond: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
