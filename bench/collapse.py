@@ -57,7 +57,8 @@ def run_arm(key: str, args, data, root: Path) -> dict:
         kl_kw = {"schedule": "linear", "warmup_steps": args.steps // 2}
     torch.manual_seed(0)
     model = VAE(model_config(args, **model_kw))
-    mon = MonitorConfig(every_steps=args.check_every, samples=1000, patience=args.patience, **mon_kw)
+    mon = MonitorConfig(every_steps=args.check_every, samples=1000, patience=args.patience,
+                        kl_threshold=args.kl_threshold, min_active_units=args.min_au, **mon_kw)
     cfg = TrainConfig(epochs=100, max_steps=args.steps, batch_size=args.batch, lr=args.lr, progress=False,
                       tensorboard="off", checkpoint_every=args.check_every, eval_batch_size=500, seed=0,
                       threads=args.threads)
@@ -90,14 +91,17 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--latent", type=int, default=32)
-    ap.add_argument("--channels", type=int, default=32, help="PixelCNN channels")
+    ap.add_argument("--channels", type=int, default=16, help="PixelCNN channels")
     ap.add_argument("--layers", type=int, default=6, help="PixelCNN masked 3x3 layers")
     ap.add_argument("--dilation-cycle", type=int, default=4, help="dilations 1,2,4,.. repeat every N layers")
-    ap.add_argument("--full-context", action=argparse.BooleanOptionalAction, default=True,
-                    help="PixelCNN: add the masked linear map from all earlier pixels")
+    ap.add_argument("--full-context", type=int, default=1000,
+                    help="PixelCNN: hidden units of the MADE term that sees all earlier pixels (0: off)")
     ap.add_argument("--patience", type=int, default=100, help="KL alert: consecutive low steps")
+    # the definition of a collapsed run is KL < 0.5 nats and AU <= 1: the detector uses it
+    ap.add_argument("--kl-threshold", type=float, default=0.5, help="KL alert threshold, nats")
+    ap.add_argument("--min-au", type=int, default=2, help="latent alert when fewer units are active")
     ap.add_argument("--check-every", type=int, default=200, help="AU/MI check and checkpoint every N steps")
-    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per run (1 is fastest on a busy machine)")
     ap.add_argument("--out", default=None, help="keep the runs here (default: a temporary folder)")
     args = ap.parse_args()
     data = load_dataset("mnist")

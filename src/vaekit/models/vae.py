@@ -40,7 +40,7 @@ class VAEConfig:
     pixelcnn_channels: int = 32  # PixelCNN decoder: feature channels
     pixelcnn_layers: int = 5  # PixelCNN decoder: masked 3x3 layers after the 7x7 first one
     pixelcnn_dilation_cycle: int = 1  # PixelCNN decoder: dilations 1, 2, 4, ... repeat every N layers (1: none)
-    pixelcnn_full_context: bool = False  # PixelCNN decoder: add a masked linear map from all earlier pixels
+    pixelcnn_full_context: int = 0  # PixelCNN decoder: hidden units of a MADE term over all earlier pixels (0: off)
     decoder_dropout: float = 0.0  # PixelCNN decoder: probability of hiding each input pixel while training
 
     def __post_init__(self) -> None:
@@ -62,6 +62,7 @@ class VAEConfig:
         check_positive("model.pixelcnn_channels", self.pixelcnn_channels, integer=True)
         check_positive("model.pixelcnn_layers", self.pixelcnn_layers, allow_zero=True, integer=True)
         check_positive("model.pixelcnn_dilation_cycle", self.pixelcnn_dilation_cycle, integer=True)
+        check_positive("model.pixelcnn_full_context", self.pixelcnn_full_context, allow_zero=True, integer=True)
         if not 0 <= self.decoder_dropout < 1:
             raise ConfigError(f"model.decoder_dropout must be in [0, 1), got {self.decoder_dropout!r}")
         if self.decoder == "pixelcnn" and self.likelihood != "bernoulli":

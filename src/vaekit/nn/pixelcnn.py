@@ -36,16 +36,40 @@ class MaskedConv2d(nn.Conv2d):
 
 
 class MaskedLinear(nn.Linear):
-    """n -> n linear map where output i depends only on inputs j < i (raster order)."""
+    """A linear map with a fixed 0/1 connectivity ``mask`` (out_features, in_features)."""
 
-    def __init__(self, n: int):
-        super().__init__(n, n)
-        self.register_buffer("mask", torch.tril(torch.ones(n, n), diagonal=-1))
-        with torch.no_grad():
-            self.weight.zero_()  # start as a plain PixelCNN; the full context is learned
+    def __init__(self, mask: torch.Tensor):
+        super().__init__(mask.shape[1], mask.shape[0])
+        self.register_buffer("mask", mask.to(self.weight.dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight * self.mask, self.bias)
+
+
+class MADE(nn.Module):
+    """Autoregressive n -> n logits in raster order (Germain et al. 2015): output i sees inputs j < i.
+
+    One masked hidden layer of ``hidden`` units (degrees spread evenly over 1..n-1) plus a
+    direct masked linear connection. Every pixel sees every earlier pixel: no blind spot.
+    """
+
+    def __init__(self, n: int, hidden: int):
+        super().__init__()
+        deg_in = torch.arange(1, n + 1)
+        self.direct = MaskedLinear((deg_in[:, None] > deg_in[None, :]).float())
+        with torch.no_grad():
+            self.direct.weight.zero_()
+        self.hidden = None
+        if hidden > 0:
+            deg_h = torch.linspace(1, n - 1, hidden).round().long()
+            self.hidden = MaskedLinear((deg_h[:, None] >= deg_in[None, :]).float())
+            self.out = MaskedLinear((deg_in[:, None] > deg_h[None, :]).float())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.direct(x)
+        if self.hidden is not None:
+            y = y + self.out(F.relu(self.hidden(x)))
+        return y
 
 
 class PixelCNNDecoder(nn.Module):
@@ -57,7 +81,7 @@ class PixelCNNDecoder(nn.Module):
     """
 
     def __init__(self, latent_dim: int, image_shape: tuple[int, int, int], channels: int = 32, layers: int = 5,
-                 kernel: int = 3, first_kernel: int = 7, dilation_cycle: int = 1, full_context: bool = False):
+                 kernel: int = 3, first_kernel: int = 7, dilation_cycle: int = 1, full_context: int = 0):
         super().__init__()
         C, H, W = image_shape
         self.image_shape, self.channels = (C, H, W), channels
@@ -71,11 +95,11 @@ class PixelCNNDecoder(nn.Module):
         self.receptive_rows = first_kernel // 2 + sum(d * (kernel // 2) for d in dilations)
         self.full_context = None
         if full_context:
-            # every pixel also sees ALL earlier pixels through a raster-order masked linear map
-            # (a fully visible sigmoid belief net term): no blind spot, no receptive-field limit
+            # every pixel also sees ALL earlier pixels through a MADE over the raster order
+            # (`full_context` hidden units): no blind spot, no receptive-field limit
             if C != 1:
                 raise ConfigError(f"full_context supports one channel, got {C}")
-            self.full_context = MaskedLinear(H * W)
+            self.full_context = MADE(H * W, full_context)
             self.receptive_rows = H
 
     def condition(self, z: torch.Tensor) -> torch.Tensor:
