@@ -87,14 +87,14 @@ def run_arm(key: str, args, data, root: Path) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
-    ap.add_argument("--steps", type=int, default=2000, help="optimizer steps per arm")
+    ap.add_argument("--steps", type=int, default=1500, help="optimizer steps per arm")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--latent", type=int, default=32)
+    ap.add_argument("--latent", type=int, default=16)
     ap.add_argument("--channels", type=int, default=16, help="PixelCNN channels")
-    ap.add_argument("--layers", type=int, default=6, help="PixelCNN masked 3x3 layers")
+    ap.add_argument("--layers", type=int, default=4, help="PixelCNN masked 3x3 layers")
     ap.add_argument("--dilation-cycle", type=int, default=4, help="dilations 1,2,4,.. repeat every N layers")
-    ap.add_argument("--full-context", type=int, default=1000,
+    ap.add_argument("--full-context", type=int, default=2000,
                     help="PixelCNN: hidden units of the MADE term that sees all earlier pixels (0: off)")
     ap.add_argument("--patience", type=int, default=100, help="KL alert: consecutive low steps")
     # the definition of a collapsed run is KL < 0.5 nats and AU <= 1: the detector uses it
