@@ -12,7 +12,8 @@ is trained in several arms with the same step budget:
 
 For each arm: final test KL, active units and MI on held-out data, the test -ELBO (an NLL
 proxy, one posterior sample), and whether and when the collapse detector fired. The monitor
-overhead (time spent in AU/MI checks) is measured in arm (a).
+overhead (share of the wall time spent in AU/MI checks, every --check-every steps) is
+reported per arm.
 
     python bench/collapse.py                      # all arms, default budget
     python bench/collapse.py --arms a f --steps 600
@@ -81,6 +82,8 @@ def run_arm(key: str, args, data, root: Path) -> dict:
         "alerts": [{k: e[k] for k in ("cause", "step", "onset", "action")} for e in collapse],
         "recoveries": [{k: e[k] for k in ("step", "from_checkpoint", "change")} for e in recover],
         "trajectory": [{"step": r["step"], "au": r["au"], "mi": r["mi"]} for r in monitor],
+        "monitor_seconds": sum(r["seconds"] for r in monitor),
+        "monitor_overhead": sum(r["seconds"] for r in monitor) / wall,
     }
 
 
@@ -113,10 +116,11 @@ def main() -> None:
             results.append(r)
             fired = f"yes @ {r['first_alert_step']}" if r["detector_fired"] else "no"
             rows.append([key, r["label"], r["test_kl"], r["au"], r["mi"], r["test_neg_elbo"], fired,
-                         len(r["recoveries"]), r["wall_s"]])
+                         len(r["recoveries"]), r["wall_s"], f"{100 * r['monitor_overhead']:.1f}%"])
             print(f"arm {key} done: KL {r['test_kl']:.3f} AU {r['au']} MI {r['mi']:.3f} "
                   f"-ELBO {r['test_neg_elbo']:.2f} fired={fired} ({r['wall_s']:.0f} s)", flush=True)
-    print_table(["arm", "setting", "test KL", "AU", "MI", "test -ELBO", "detector", "recoveries", "time s"], rows)
+    print_table(["arm", "setting", "test KL", "AU", "MI", "test -ELBO", "detector", "recoveries", "time s",
+                 "AU/MI checks"], rows)
     write_results("collapse", {"setup": vars(args), "arms": results})
 
 
