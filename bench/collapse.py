@@ -49,7 +49,9 @@ ARMS = {
 def model_config(args, **extra) -> VAEConfig:
     return VAEConfig(latent_dim=args.latent, architecture="conv", conv_channels=(32, 64), hidden_sizes=(256,),
                      decoder="pixelcnn", pixelcnn_channels=args.channels, pixelcnn_layers=args.layers,
-                     pixelcnn_dilation_cycle=args.dilation_cycle, pixelcnn_full_context=args.full_context, **extra)
+                     pixelcnn_dilation_cycle=args.dilation_cycle, pixelcnn_full_context=args.full_context,
+                     pixelcnn_full_context_layers=args.full_context_layers,
+                     pixelcnn_conditioning=args.conditioning, **extra)
 
 
 def run_arm(key: str, args, data, root: Path) -> dict:
@@ -99,6 +101,9 @@ def main() -> None:
     ap.add_argument("--dilation-cycle", type=int, default=4, help="dilations 1,2,4,.. repeat every N layers")
     ap.add_argument("--full-context", type=int, default=2000,
                     help="PixelCNN: hidden units of the MADE term that sees all earlier pixels (0: off)")
+    ap.add_argument("--conditioning", choices=["spatial", "global"], default="spatial",
+                    help="PixelCNN: z as a per-position (spatial) or per-channel (global) bias")
+    ap.add_argument("--full-context-layers", type=int, default=1, help="hidden layers of that MADE term")
     ap.add_argument("--patience", type=int, default=100, help="KL alert: consecutive low steps")
     # the definition of a collapsed run is KL < 0.5 nats and AU <= 1: the detector uses it
     ap.add_argument("--kl-threshold", type=float, default=0.5, help="KL alert threshold, nats")

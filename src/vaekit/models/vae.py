@@ -41,6 +41,8 @@ class VAEConfig:
     pixelcnn_layers: int = 5  # PixelCNN decoder: masked 3x3 layers after the 7x7 first one
     pixelcnn_dilation_cycle: int = 1  # PixelCNN decoder: dilations 1, 2, 4, ... repeat every N layers (1: none)
     pixelcnn_full_context: int = 0  # PixelCNN decoder: hidden units of a MADE term over all earlier pixels (0: off)
+    pixelcnn_full_context_layers: int = 1  # PixelCNN decoder: hidden layers of that MADE term
+    pixelcnn_conditioning: Literal["spatial", "global"] = "spatial"  # z as a per-position or per-channel bias
     decoder_dropout: float = 0.0  # PixelCNN decoder: probability of hiding each input pixel while training
 
     def __post_init__(self) -> None:
@@ -63,6 +65,8 @@ class VAEConfig:
         check_positive("model.pixelcnn_layers", self.pixelcnn_layers, allow_zero=True, integer=True)
         check_positive("model.pixelcnn_dilation_cycle", self.pixelcnn_dilation_cycle, integer=True)
         check_positive("model.pixelcnn_full_context", self.pixelcnn_full_context, allow_zero=True, integer=True)
+        check_positive("model.pixelcnn_full_context_layers", self.pixelcnn_full_context_layers, integer=True)
+        check_choice("model.pixelcnn_conditioning", self.pixelcnn_conditioning, ("spatial", "global"))
         if not 0 <= self.decoder_dropout < 1:
             raise ConfigError(f"model.decoder_dropout must be in [0, 1), got {self.decoder_dropout!r}")
         if self.decoder == "pixelcnn" and self.likelihood != "bernoulli":
@@ -116,7 +120,9 @@ class VAE(BaseModel):
         if c.decoder == "pixelcnn":
             self.decoder = PixelCNNDecoder(c.latent_dim, c.input_shape, c.pixelcnn_channels, c.pixelcnn_layers,
                                            dilation_cycle=c.pixelcnn_dilation_cycle,
-                                           full_context=c.pixelcnn_full_context)
+                                           full_context=c.pixelcnn_full_context,
+                                           full_context_layers=c.pixelcnn_full_context_layers,
+                                           conditioning=c.pixelcnn_conditioning)
         self.to_mean = nn.Linear(self.encoder.out_features, c.latent_dim)
         self.to_logvar = nn.Linear(self.encoder.out_features, c.latent_dim)
         if c.likelihood == "gaussian":
