@@ -59,3 +59,17 @@ def test_config_and_geometry():
         PixelVAEConfig(ar_kernel=4)
     with pytest.raises(ConfigError, match="1 channel"):
         PixelVAEConfig(input_shape=(3, 28, 28))
+
+
+def test_free_bits_are_a_floor_under_a_trainers_kl_control():
+    from vaekit.objectives.kl_control import KLControl
+
+    cfg = PixelVAEConfig(latent_dim=3, conv_channels=(8,), encoder_hidden=(16,), decoder_hidden=(16,),
+                         ar_kernel=5, ar_channels=8, ar_hidden=(8,), free_bits=2.0)
+    m = _model(cfg)
+    x = torch.bernoulli(torch.rand(4, 1, 28, 28, generator=torch.Generator().manual_seed(3)))
+    torch.manual_seed(0)
+    out = m(x, kl_control=KLControl(weight=1.0))
+    assert torch.allclose(out.kl_used, out.kl_per_dim.clamp(min=2.0).sum())
+    torch.manual_seed(0)
+    assert torch.allclose(m(x).loss, out.loss)

@@ -25,6 +25,7 @@ VAE of Chen et al. 2017, who also restrict the autoregressive receptive field).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -57,7 +58,7 @@ class PixelVAEConfig:
     ar_hidden: tuple[int, ...] = (64,)  # pointwise (1x1) layer widths after the masked convolution
     activation: str = "relu"  # one of nn.layers.ACTIVATIONS
     beta: float = 1.0  # weight of the KL term
-    free_bits: float = 0.0  # lambda, nats per latent dim: optimize sum_j max(lambda, KL_j) (0: off)
+    free_bits: float = 0.0  # lambda, nats per latent dim: optimize sum_j max(lambda, KL_j) (0: off; a floor under kl.*)
 
     def __post_init__(self) -> None:
         if len(self.input_shape) != 3 or any(not isinstance(s, int) or s <= 0 for s in self.input_shape):
@@ -250,7 +251,8 @@ class PixelVAE(BaseModel):
         """Negative ELBO of a batch x (B, 1, H, W), one reparameterized sample per example.
 
         Same terms and options as :meth:`vaekit.models.vae.VAE.forward`; ``y`` is ignored.
-        ``config.free_bits`` applies unless a ``kl_control`` is passed (the trainer's schedules win).
+        ``kl_control`` (the trainer's KL schedule) sets the weight; ``config.free_bits`` is a floor on
+        its free bits, so the recipe's setting holds under any schedule.
         """
         self.check_input(x)
         if check:
@@ -261,8 +263,10 @@ class PixelVAE(BaseModel):
         kl_pd = posterior.kl()  # (B, D)
         kl_pe = kl_pd.sum(1)
         recon, kl, kl_dim = recon_pe.mean(), kl_pe.mean(), kl_pd.mean(0)
-        control = kl_control or KLControl(weight=self.config.beta if beta is None else beta,
-                                          free_bits=self.config.free_bits)
+        control = kl_control or KLControl(weight=self.config.beta if beta is None else beta)
+        if self.config.free_bits > control.free_bits:
+            # the model's free bits are a floor: a trainer's KL schedule must not silently drop them
+            control = dataclasses.replace(control, free_bits=self.config.free_bits)
         term, kl_used = kl_term(kl_dim, control)
         return VAEOutput(
             loss=recon + term, recon=recon, kl=kl, kl_per_dim=kl_dim, kl_used=kl_used,
