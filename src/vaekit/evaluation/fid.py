@@ -255,8 +255,22 @@ def train_extractor(
     config = ExtractorConfig(dataset=dataset, input_shape=tuple(ds.image_shape), num_classes=num_classes,
                              epochs=epochs, seed=seed)
     t0 = time.perf_counter()
-    g = torch.Generator().manual_seed(mix_seed(seed, 0xF1D))
-    torch.manual_seed(mix_seed(seed, 0xF1D, 1))
+    with torch.random.fork_rng():  # init and dropout use the global stream: leave the caller's untouched
+        model, steps = _fit_extractor(config, ds, progress, t0)
+    model.eval()
+    acc = split_accuracy(model, ds.test)
+    model.test_accuracy = acc
+    metrics = {"test_accuracy": acc, "test_examples": len(ds.test), "train_examples": len(ds.train), "steps": steps,
+               "train_time_s": round(time.perf_counter() - t0, 1), "torch": torch.__version__,
+               "dataset_provenance": getattr(ds, "provenance", "")}
+    folder = Path(out_dir) if out_dir is not None else default_extractor_dir(dataset)
+    save_extractor(model, folder, metrics)
+    return folder
+
+
+def _fit_extractor(config: ExtractorConfig, ds: Any, progress: bool, t0: float) -> tuple[FeatureExtractor, int]:
+    g = torch.Generator().manual_seed(mix_seed(config.seed, 0xF1D))
+    torch.manual_seed(mix_seed(config.seed, 0xF1D, 1))
     model = FeatureExtractor(config)
     opt = torch.optim.Adam(model.parameters(), lr=config.lr)
     x_all, y_all = to_unit_float(ds.train.images), ds.train.labels
@@ -282,15 +296,7 @@ def train_extractor(
         if progress:
             print(f"epoch {epoch + 1}/{config.epochs}: train loss {running / math.ceil(n / config.batch_size):.4f} "
                   f"({time.perf_counter() - t0:.0f} s)", flush=True)
-    model.eval()
-    acc = split_accuracy(model, ds.test)
-    model.test_accuracy = acc
-    metrics = {"test_accuracy": acc, "test_examples": len(ds.test), "train_examples": n, "steps": steps,
-               "train_time_s": round(time.perf_counter() - t0, 1), "torch": torch.__version__,
-               "dataset_provenance": getattr(ds, "provenance", "")}
-    folder = Path(out_dir) if out_dir is not None else default_extractor_dir(dataset)
-    save_extractor(model, folder, metrics)
-    return folder
+    return model, steps
 
 
 def split_accuracy(extractor: FeatureExtractor, split: ImageSplit) -> float:
