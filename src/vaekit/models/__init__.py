@@ -10,9 +10,11 @@ from vaekit.models.base import (
     model_config_from_dict,
     register_model,
 )
+from vaekit.models.tcvae import TCVAE, TCVAEConfig, TCVAEOutput
 from vaekit.models.vae import VAE, VAEConfig, VAEOutput
 
 __all__ = [
-    "MODEL_REGISTRY", "VAE", "BaseModel", "ModelOutput", "VAEConfig", "VAEOutput", "build_model",
+    "MODEL_REGISTRY", "TCVAE", "VAE", "BaseModel", "ModelOutput", "TCVAEConfig", "TCVAEOutput", "VAEConfig",
+    "VAEOutput", "build_model",
     "load_model", "model_class", "model_config_from_dict", "register_model",
 ]
