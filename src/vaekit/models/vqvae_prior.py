@@ -92,7 +92,7 @@ def train_code_prior(
             opt.zero_grad(set_to_none=True)
             (loss / codes.numel()).backward()
             opt.step()
-            total, n, steps = total + float(loss), n + codes.shape[0], steps + 1
+            total, n, steps = total + loss.item(), n + codes.shape[0], steps + 1
             if (max_steps is not None and steps >= max_steps) or (
                     time_budget_s is not None and time.perf_counter() - t0 > time_budget_s):
                 stop = True
