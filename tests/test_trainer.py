@@ -102,7 +102,7 @@ def test_nan_loss_stops_with_step_and_keeps_last_checkpoint(mnist_small, tmp_pat
     assert err.step == 11 and "step 11" in str(err)
     assert err.last_checkpoint and err.last_checkpoint.endswith("step-000000007.pt")
     ckpts = [s for s, _ in list_checkpoints(tmp_path / "nan" / "checkpoints")]
-    assert ckpts == [7], "no checkpoint is written from a diverged state"
+    assert ckpts == [0, 7], "no checkpoint is written from a diverged state (0 is the initial one)"
     events = read_metrics(tmp_path / "nan" / "metrics.jsonl", "event")
     assert events[-1]["event"] == "diverged" and events[-1]["step"] == 11
     assert not (tmp_path / "nan" / "model").exists()
@@ -112,7 +112,7 @@ def test_checkpoints_are_pruned_and_max_steps_stops_early(mnist_small, tmp_path)
     t = _trainer(mnist_small, tmp_path / "r", keep_checkpoints=2, max_steps=20, epochs=5)
     res = t.fit()
     assert res.steps == 20
-    assert [s for s, _ in list_checkpoints(tmp_path / "r" / "checkpoints")] == [14, 20]
+    assert [s for s, _ in list_checkpoints(tmp_path / "r" / "checkpoints")] == [0, 14, 20]  # 0: initial, kept
     assert (tmp_path / "r" / "model" / "model.safetensors").is_file()
     metrics = json.loads((tmp_path / "r" / "model" / "metrics.json").read_text())
     assert metrics["test"]["n"] == 500

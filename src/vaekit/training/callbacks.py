@@ -17,6 +17,7 @@ class Callback:
     """Base class: every hook does nothing."""
 
     name: str = "callback"
+    keep_state_on_recover: bool = False  # True: a collapse recovery does not reload this callback's state
 
     def on_fit_start(self, trainer: Trainer) -> None:
         """Called once the model, optimizer and any resumed state are in place."""
@@ -26,6 +27,13 @@ class Callback:
 
     def on_eval_end(self, trainer: Trainer, record: dict[str, Any]) -> None:
         """Called after each evaluation on the test split with its record."""
+
+    def on_epoch_end(self, trainer: Trainer, epoch: int) -> None:
+        """Called at the end of each epoch, after evaluation and before the epoch checkpoint."""
+
+    def forward_kwargs(self, trainer: Trainer) -> dict[str, Any]:
+        """Extra keyword arguments for this step's forward call (e.g. ``kl_control``)."""
+        return {}
 
     def on_fit_end(self, trainer: Trainer) -> None:
         """Called after the final model is saved."""

@@ -20,6 +20,8 @@ from vaekit.data.sources import resolve_sources
 from vaekit.errors import ConfigError, check_choice, check_positive, describe
 from vaekit.models.base import MODEL_REGISTRY, model_config_from_dict
 from vaekit.models.vae import VAEConfig
+from vaekit.training.monitors import MonitorConfig
+from vaekit.training.schedules import KLConfig
 
 
 @dataclass
@@ -63,6 +65,7 @@ class TrainConfig:
     threads: int | None = None  # torch CPU threads (None: torch's default)
     checkpoint_every: int = 1000  # steps between checkpoints (0: only at epoch ends)
     keep_checkpoints: int = 3  # how many recent checkpoints to keep on disk
+    keep_history: int = 8  # epoch-end checkpoints kept as the run's history (thinned to stay spread out)
     eval_every: int = 1  # evaluate on the test split every N epochs (0: never during training)
     eval_batch_size: int = 1000  # batch size of evaluation passes
     progress: bool = True  # show a progress bar with live loss terms
@@ -87,6 +90,7 @@ class TrainConfig:
             check_positive("train.threads", self.threads, integer=True)
         check_positive("train.checkpoint_every", self.checkpoint_every, allow_zero=True, integer=True)
         check_positive("train.keep_checkpoints", self.keep_checkpoints, integer=True)
+        check_positive("train.keep_history", self.keep_history, integer=True)
         check_positive("train.eval_every", self.eval_every, allow_zero=True, integer=True)
         check_positive("train.eval_batch_size", self.eval_batch_size, integer=True)
         if isinstance(self.tensorboard, bool):  # YAML reads a bare on/off as a boolean
@@ -103,6 +107,8 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: Any = field(default_factory=VAEConfig)  # the family's config dataclass (model.family picks it)
     train: TrainConfig = field(default_factory=TrainConfig)
+    kl: KLConfig = field(default_factory=KLConfig)  # KL schedule, free bits, floor
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)  # posterior-collapse monitors and response
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name or "/" in self.name or self.name in (".", ".."):
@@ -116,7 +122,7 @@ class RunConfig:
         return to_dict(self)
 
 
-SECTIONS = {"data": DataConfig, "train": TrainConfig}
+SECTIONS = {"data": DataConfig, "train": TrainConfig, "kl": KLConfig, "monitor": MonitorConfig}
 
 
 def valid_keys(model_family: str = "vae") -> list[str]:
@@ -126,6 +132,8 @@ def valid_keys(model_family: str = "vae") -> list[str]:
     keys += [f"data.{k}" for k in field_names(DataConfig)]
     keys += [f"model.{k}" for k in field_names(model_cls)]
     keys += [f"train.{k}" for k in field_names(TrainConfig)]
+    keys += [f"kl.{k}" for k in field_names(KLConfig)]
+    keys += [f"monitor.{k}" for k in field_names(MonitorConfig)]
     return keys
 
 

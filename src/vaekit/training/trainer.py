@@ -30,9 +30,18 @@ from vaekit.evaluation.elbo import evaluate_elbo
 from vaekit.models.base import BaseModel
 from vaekit.training import distributed as D
 from vaekit.training.callbacks import Callback
-from vaekit.training.checkpoint import latest_checkpoint, save_checkpoint
+from vaekit.training.checkpoint import (
+    checkpoint_name,
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    save_checkpoint,
+)
 from vaekit.training.config import DataConfig, RunConfig, TrainConfig
+from vaekit.training.history import CheckpointHistory
 from vaekit.training.metrics_log import MetricsLog
+from vaekit.training.monitors import CollapseMonitor, KLController, MonitorConfig
+from vaekit.training.schedules import KLConfig
 
 
 @dataclass
@@ -55,6 +64,9 @@ class TrainResult:
     final_eval: dict[str, Any] | None
     wall_time_s: float
     resumed_from: str | None
+    stopped: str | None = None  # why training ended early (a collapse with monitor.on_collapse=stop)
+    recoveries: int = 0  # collapse recoveries made
+    alerts: list[dict[str, Any]] | None = None  # collapse alerts: cause, step, onset, action
 
 
 def pick_device(name: str) -> torch.device:
@@ -89,6 +101,8 @@ class Trainer:
         run_dir: where checkpoints, ``metrics.jsonl`` and the final model go.
         run_config: the whole resolved config, saved in the run folder for reproducibility.
         callbacks: hooks called during training; their state is checkpointed.
+        kl: KL schedule, free bits and floor (default: constant weight ``model.config.beta``).
+        monitor: posterior-collapse monitors and the response to an alert.
     """
 
     def __init__(
@@ -101,6 +115,8 @@ class Trainer:
         run_dir: str | Path = "runs/vae",
         run_config: RunConfig | None = None,
         callbacks: Sequence[Callback] = (),
+        kl: KLConfig | None = None,
+        monitor: MonitorConfig | None = None,
     ):
         if not isinstance(model, BaseModel):
             raise InputError(f"model must be a vaekit model (BaseModel), got {type(model).__name__}")
@@ -115,7 +131,12 @@ class Trainer:
         self.data_config = data_config
         self.run_dir = Path(run_dir)
         self.run_config = run_config
+        self.user_callbacks = list(callbacks)
         self.callbacks = list(callbacks)
+        self.kl_config = kl or (run_config.kl if run_config else KLConfig())
+        self.monitor_config = monitor or (run_config.monitor if run_config else MonitorConfig())
+        self.kl_controller: KLController | None = None
+        self.monitor: CollapseMonitor | None = None
         names = [c.name for c in self.callbacks]
         if len(set(names)) != len(names):
             raise InputError(f"callback names must be unique (they key checkpoint state), got {names}")
@@ -127,6 +148,12 @@ class Trainer:
         self.log: MetricsLog | None = None
         self._tb: Any = None
         self._check_inputs = True  # validate the first batch's values; the loader guarantees the rest
+        self.branch = 0  # collapse recoveries so far: records after a recovery carry it
+        self._stop_reason: str | None = None
+        self._recover: tuple[int, str, Any] | None = None
+        self._last_eval: dict[str, Any] | None = None
+        self._recent_kl: list[float] = []
+        self.history: CheckpointHistory | None = None
 
     # -- set-up ----------------------------------------------------------------------------------
     @property
@@ -177,18 +204,40 @@ class Trainer:
             "optimizers": {k: opt.state_dict() for k, opt in self.optimizers.items()},
             "rng": rngs,
             "callbacks": {c.name: c.state_dict() for c in self.callbacks},
+            "branch": self.branch,
             "config": self.run_config.to_dict() if self.run_config else {"train": to_dict(self.config)},
         }
 
-    def save_checkpoint(self, protect: tuple[int, ...] = ()) -> Path | None:
-        """Write a checkpoint of the current state (rank 0 writes; every rank must call)."""
+    def save_checkpoint(self, kind: str = "step") -> Path | None:
+        """Write a checkpoint of the current state and index it (rank 0 writes; every rank must call).
+
+        ``kind`` is ``initial``, ``step``, ``epoch`` or ``final``; epoch checkpoints form the
+        run's history (see :mod:`vaekit.training.history`).
+        """
         payload = self._checkpoint_payload()
-        if self.dist.is_main:
-            self.last_checkpoint = save_checkpoint(self.checkpoint_dir, self.state.step, payload,
-                                                   self.config.keep_checkpoints, protect)
+        if self.dist.is_main and self.history is not None:
+            step = self.state.step
+            self.history.record({"step": step, "epoch": self.state.epoch, "kind": kind, "file": checkpoint_name(step),
+                                 "branch": self.branch, **self._health(step)})
+            self.last_checkpoint = save_checkpoint(self.checkpoint_dir, step, payload,
+                                                   self.config.keep_checkpoints, self.history.protected_steps())
+            self.history.sync()
             if self.log:
                 self.log.flush()
         return self.last_checkpoint
+
+    def _health(self, step: int) -> dict[str, Any]:
+        """Figures stored with a checkpoint in the index: what is known at ``step``."""
+        out: dict[str, Any] = {"train_kl": sum(self._recent_kl) / len(self._recent_kl) if self._recent_kl else None}
+        ev = self._last_eval
+        fresh = ev is not None and ev.get("step") == step
+        for k in ("loss", "recon", "kl", "neg_elbo"):
+            out[f"test_{k}"] = ev.get(k) if fresh else None
+        latest = self.monitor.latest if self.monitor else None
+        out["au"] = latest["au"] if latest else None
+        out["mi"] = latest["mi"] if latest else None
+        out["latent_step"] = latest["step"] if latest else None
+        return out
 
     def _resume(self) -> str | None:
         found = latest_checkpoint(self.checkpoint_dir)
@@ -215,6 +264,7 @@ class Trainer:
         for cb in self.callbacks:
             if cb.name in payload.get("callbacks", {}):
                 cb.load_state_dict(payload["callbacks"][cb.name])
+        self.branch = payload.get("branch", 0)
         self.last_checkpoint = path
         return str(path)
 
@@ -256,26 +306,35 @@ class Trainer:
             net = DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.optimizers = model.configure_optimizers(cfg)
         model.on_train_data(len(train_split))
+        steps_per_epoch = len(loader)
+        total = cfg.epochs * steps_per_epoch
+        if cfg.max_steps is not None:
+            total = min(total, cfg.max_steps)
+        self._setup_dynamics(model, total, steps_per_epoch)
         torch.manual_seed(mix_seed(cfg.seed, info.rank, 0xA0))
+        if info.is_main:
+            self.history = CheckpointHistory(self.checkpoint_dir, cfg.keep_history)
         resumed = self._resume() if resume else None
         if info.is_main:
             self.log = MetricsLog(self.run_dir / "metrics.jsonl")
+            assert self.history is not None
             if resumed:
-                st = self.state
-                self.log.truncate(lambda r: r.get("step", 0) <= st.step if r.get("type") != "eval"
-                                  else r.get("epoch", 0) < st.epoch)
-            elif not resume:
-                self.log.truncate(lambda r: False)
+                st, branch = self.state, self.branch
+                self.log.truncate(lambda r: r.get("branch", 0) < branch or (
+                    r.get("step", 0) <= st.step if r.get("type") != "eval" else r.get("epoch", 0) < st.epoch))
+                self.history.drop_after(st.step)
+            else:
+                if not resume:
+                    self.log.truncate(lambda r: False)
+                self.history.drop_after(-1)
             self._open_tensorboard()
             self.log.write({"type": "event", "step": self.state.step, "event": "resume" if resumed else "start",
                             "checkpoint": resumed, "world_size": info.world_size, "device": str(self.device)})
         for cb in self.callbacks:
             cb.on_fit_start(self)
+        if not resumed:
+            self.save_checkpoint("initial")  # the state before any step: always a place to recover to
 
-        steps_per_epoch = len(loader)
-        total = cfg.epochs * steps_per_epoch
-        if cfg.max_steps is not None:
-            total = min(total, cfg.max_steps)
         final_eval: dict[str, Any] | None = None
         evaluated_at = -1  # step of the last evaluation (the same on every rank; only rank 0 holds results)
         show = cfg.progress and info.is_main
@@ -294,8 +353,11 @@ class Trainer:
                           "lr": self.lr,
                           "samples_per_s": cfg.batch_size / max(now - last_time, 1e-9)}
                 last_time = now
+                if self.branch:
+                    record["branch"] = self.branch
                 for cb in self.callbacks:
                     cb.on_step_end(self, record)
+                self._recent_kl = (self._recent_kl + [values["kl"]])[-50:] if "kl" in values else []
                 if info.is_main:
                     self.log.write(record)  # type: ignore[union-attr]
                     if self._tb is not None:
@@ -306,21 +368,34 @@ class Trainer:
                         bar.update(1)
                         if self.state.step % 20 == 0:
                             bar.set_postfix({k: f"{values[k]:.2f}" for k in names[:4]}, refresh=False)
+                if self._recover is not None:
+                    break
                 if cfg.checkpoint_every and self.state.step % cfg.checkpoint_every == 0:
                     self.save_checkpoint()
-                if self.state.step >= total:
+                if self.state.step >= total or self._stop_reason:
                     break
             if bar is not None:
                 bar.close()
+            if self._recover is not None:
+                self._recover_now()
+                continue
             if self.state.batch >= steps_per_epoch:  # the epoch is complete
                 if cfg.eval_every and ((epoch + 1) % cfg.eval_every == 0 or self.state.step >= total):
                     final_eval = self.evaluate(test, epoch)
                     evaluated_at = self.state.step
+                for cb in self.callbacks:
+                    cb.on_epoch_end(self, epoch)
                 self.state.epoch += 1
                 self.state.batch = 0
+                self.save_checkpoint("epoch")
+                if self._recover is not None:  # an epoch-end check asked for it
+                    self._recover_now()
+                    continue
+            elif (self.state.step >= total or self._stop_reason) and (
+                    not cfg.checkpoint_every or self.state.step % cfg.checkpoint_every):
                 self.save_checkpoint()
-            elif self.state.step >= total and cfg.checkpoint_every and self.state.step % cfg.checkpoint_every:
-                self.save_checkpoint()
+            if self._stop_reason:
+                break
 
         if evaluated_at != self.state.step and cfg.eval_every:
             final_eval = self.evaluate(test, self.state.epoch)
@@ -329,7 +404,9 @@ class Trainer:
         for cb in self.callbacks:
             cb.on_fit_end(self)
         return TrainResult(self.run_dir, model_dir, self.state.step, self.state.epoch, final_eval,
-                           time.perf_counter() - t_start, resumed)
+                           time.perf_counter() - t_start, resumed, self._stop_reason,
+                           self.monitor.recoveries if self.monitor else 0,
+                           list(self.monitor.alerts) if self.monitor else [])
 
     def _term_names(self, model: BaseModel, loader: BatchLoader) -> list[str]:
         """Names of the logged loss terms, from a forward pass on two examples (RNG untouched)."""
@@ -353,6 +430,8 @@ class Trainer:
         kwargs: dict[str, Any] = {"check": self._check_inputs}
         if self.model.needs_labels:
             kwargs["y"] = y
+        for cb in self.callbacks:
+            kwargs.update(cb.forward_kwargs(self))
         return kwargs
 
     def _step(self, net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, names: list[str]) -> dict[str, float]:
@@ -362,13 +441,13 @@ class Trainer:
             with self._autocast():
                 out = self.model.train_step(net, x, y, self.optimizers, kwargs)
             values = self._gather_terms(out, names)
-            if not all(math.isfinite(v) for v in values.values()):
+            if not _finite(values):
                 self._diverged(values)
             return values
         with self._autocast():
             out = net(x, **kwargs)
         values = self._gather_terms(out, names)
-        if not all(math.isfinite(v) for v in values.values()):
+        if not _finite(values):
             self._diverged(values)
         for opt in self.optimizers.values():
             opt.zero_grad(set_to_none=True)
@@ -379,20 +458,102 @@ class Trainer:
             opt.step()
         return values
 
-    def _gather_terms(self, out: Any, names: list[str]) -> dict[str, float]:
-        """Loss terms as floats, averaged over ranks (one host sync)."""
+    def _gather_terms(self, out: Any, names: list[str]) -> dict[str, Any]:
+        """Loss terms as floats (plus the KL per dimension when monitored), averaged over ranks: one host sync."""
         terms = out.terms()
-        packed = torch.stack([terms[k].detach().float() for k in names])
-        packed = D.all_reduce_mean(packed, self.dist)
-        return dict(zip(names, packed.tolist(), strict=True))
+        parts = [torch.stack([terms[k].detach().float() for k in names])]
+        per_dim = getattr(out, "kl_per_dim", None) if self.monitor_config.log_kl_per_dim else None
+        if per_dim is not None:
+            parts.append(per_dim.detach().float().reshape(-1))
+        packed = D.all_reduce_mean(torch.cat(parts), self.dist).tolist()
+        values: dict[str, Any] = dict(zip(names, packed[: len(names)], strict=True))
+        if per_dim is not None:
+            values["kl_per_dim"] = packed[len(names):]
+        return values
+
+    # -- training dynamics: KL control and collapse monitors ------------------------------------------
+    def _setup_dynamics(self, model: BaseModel, total: int, steps_per_epoch: int) -> None:
+        """Create the KL controller and the collapse monitor (internal callbacks, checkpointed)."""
+        internal: list[Callback] = []
+        if model.supports_kl_control:
+            beta = float(getattr(model.config, "beta", 1.0))
+            self.kl_controller = KLController(self.kl_config, beta, total, steps_per_epoch)
+            internal.append(self.kl_controller)
+        elif not self.kl_config.is_default:
+            raise ConfigError(f"model family {model.family!r} has no Gaussian KL term: kl.* settings do not apply")
+        mc = self.monitor_config
+        if mc.enabled and model.supports_kl_control:
+            dc = self.data_config
+            held = self.dataset.test.subset(min(mc.samples, len(self.dataset.test)))
+            seed = mix_seed(dc.binarize_seed, 0x4D)
+            x, y = next(eval_loader(held, len(held), dc.binarize, seed, self.device).epoch(0))
+            self.monitor = CollapseMonitor(mc, x, y, seed=self.config.seed)
+            internal.append(self.monitor)
+        elif mc.enabled and mc.on_collapse != "warn":
+            raise ConfigError(f"monitor.on_collapse={mc.on_collapse!r} needs a model with a Gaussian posterior; "
+                              f"{model.family!r} has none (set monitor.enabled=false)")
+        self.callbacks = internal + self.user_callbacks
+
+    def log_record(self, record: dict[str, Any]) -> None:
+        """Write a record to the metrics log (rank 0; others ignore it)."""
+        if self.dist.is_main and self.log is not None:
+            if self.branch and "branch" not in record:
+                record = {**record, "branch": self.branch}
+            self.log.write(record)
+
+    def request_stop(self, reason: str) -> None:
+        """End training after the current step (the model is still saved)."""
+        self._stop_reason = reason
+        self.log_record({"type": "event", "event": "stop", "step": self.state.step, "reason": reason})
+
+    def request_recover(self, before_step: int, reason: str, remedy: Any) -> None:
+        """After the current step, reload the newest checkpoint older than ``before_step`` and call ``remedy(self)``."""
+        self._recover = (before_step, reason, remedy)
+
+    def _recover_now(self) -> None:
+        assert self._recover is not None
+        before_step, reason, remedy = self._recover
+        self._recover = None
+        # every rank reads the same files, so all make the same choice
+        candidates = [(s, p) for s, p in list_checkpoints(self.checkpoint_dir) if s < before_step]
+        if not candidates:
+            self.request_stop(f"cannot recover: no checkpoint before step {before_step}; {reason}")
+            return
+        step, path = candidates[-1]
+        payload = load_checkpoint(path)
+        self.model.load_state_dict(payload["model"])
+        for k, opt in self.optimizers.items():
+            opt.load_state_dict(payload["optimizers"][k])
+        _set_rng_state(payload["rng"][self.dist.rank], self.device)
+        self.state = TrainState(payload["step"], payload["epoch"], payload["batch"])
+        for cb in self.callbacks:
+            if not cb.keep_state_on_recover and cb.name in payload.get("callbacks", {}):
+                cb.load_state_dict(payload["callbacks"][cb.name])
+        abandoned = self.state.step
+        self.branch += 1
+        change = remedy(self)
+        self._recent_kl = []
+        if self.dist.is_main and self.history is not None:
+            for entry in self.history.drop_after(abandoned):  # checkpoints of the collapsed branch
+                (self.checkpoint_dir / entry["file"]).unlink(missing_ok=True)
+            for s, p in list_checkpoints(self.checkpoint_dir):
+                if s > abandoned:
+                    p.unlink(missing_ok=True)
+            self.history.sync()
+        self.log_record({"type": "event", "event": "recover", "step": self.state.step, "from_checkpoint": str(path),
+                         "reason": reason, "change": change})
+        self.last_checkpoint = path
+        D.barrier(self.dist)
 
     def _diverged(self, values: dict[str, float]) -> None:
         step = self.state.step + 1
         if self.log:
-            self.log.write({"type": "event", "step": step, "event": "diverged", **values,
+            scalars = {k: v for k, v in values.items() if not isinstance(v, list)}
+            self.log.write({"type": "event", "step": step, "event": "diverged", **scalars,
                             "checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None})
             self.log.flush()
-        raise TrainingDivergedError(step, values, str(self.last_checkpoint) if self.last_checkpoint else None)
+        scalars = {k: v for k, v in values.items() if not isinstance(v, list)}
+        raise TrainingDivergedError(step, scalars, str(self.last_checkpoint) if self.last_checkpoint else None)
 
     def evaluate(self, test: BatchLoader | None, epoch: int) -> dict[str, Any] | None:
         """Test-split ELBO breakdown (rank 0), logged as an ``eval`` record."""
@@ -402,9 +563,11 @@ class Trainer:
             seed = mix_seed(self.config.seed, 0xE5)
             result = evaluate_elbo(self.model, test.epoch(0), seed=seed, autocast_dtype=dtype)
             record = {"type": "eval", "step": self.state.step, "epoch": epoch,
+                      **({"branch": self.branch} if self.branch else {}),
                       **{k: v for k, v in result.items() if k != "kl_per_dim"}, "kl_per_dim": result.get("kl_per_dim")}
             for cb in self.callbacks:
                 cb.on_eval_end(self, record)
+            self._last_eval = record
             assert self.log is not None
             self.log.write(record)
             self.log.flush()
@@ -420,6 +583,10 @@ class Trainer:
                 "dataset_provenance": self.dataset.provenance}
         metrics = {"test": final_eval, "step": self.state.step} if final_eval else None
         return self.model.save(self.run_dir / "model", metadata=meta, metrics=metrics)
+
+
+def _finite(values: dict[str, Any]) -> bool:
+    return all(math.isfinite(v) for v in values.values() if not isinstance(v, list))
 
 
 def _progress(show: bool, total: int, initial: int, desc: str):
