@@ -153,6 +153,7 @@ class AAE(BaseModel):
     """Adversarial autoencoder with a deterministic or Gaussian encoder and a discriminator on z."""
 
     config_class = AAEConfig
+    has_posterior = False  # no q(z|x) with a density: the importance-sampled NLL does not apply
     custom_train_step = True
 
     def __init__(self, config: AAEConfig | None = None):

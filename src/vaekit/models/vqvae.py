@@ -154,6 +154,7 @@ class VQVAE(BaseModel):
     """VQ-VAE: conv encoder, vector quantizer, conv decoder, and a code prior for sampling."""
 
     config_class = VQVAEConfig
+    has_posterior = False  # no q(z|x) with a density: the importance-sampled NLL does not apply
 
     def __init__(self, config: VQVAEConfig | None = None):
         config = config or VQVAEConfig()
