@@ -231,3 +231,31 @@ def test_ddp_all_reduces_the_ema_statistics(tmp_path):
         assert torch.allclose(state["codebook"], single.codebook, atol=1e-6), r
         assert torch.allclose(state["ema_count"], single.ema_count, atol=1e-6)
         assert torch.equal(state["steps_unused"], single.steps_unused)
+
+
+def test_cli_train_then_train_prior_then_sample(tmp_path, capsys, mnist):
+    from PIL import Image
+
+    from vaekit.cli.main import main
+
+    sets = [f"out_dir={tmp_path}", "name=vq", "model=vqvae", "data.train_subset=512", "data.test_subset=128",
+            "train.max_steps=6", "train.batch_size=64", "train.progress=false", "train.tensorboard=off",
+            "model.hidden_channels=16", "model.residual_channels=8", "model.codebook_size=32", "model.code_dim=8",
+            "model.prior_dim=16", "model.prior_layers=1", "model.prior_heads=2", "model.dead_code_steps=2"]
+    assert main(["train"] + [a for s in sets for a in ("--set", s)]) == 0
+    assert "perplexity" in capsys.readouterr().out
+    run = tmp_path / "vq"
+    with pytest.warns(UserWarning, match="not been trained"):
+        assert main(["sample", str(run), "-n", "4", "-o", str(tmp_path / "early.png")]) == 0
+    assert main(["train-prior", str(run), "--epochs", "1", "--max-steps", "3"]) == 0
+    assert "test bits per index" in capsys.readouterr().out
+    assert bool(load_model(run / "model").prior_trained)
+    metrics = __import__("json").loads((run / "model" / "metrics.json").read_text())
+    assert metrics["prior"]["steps"] == 3
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert main(["sample", str(run), "-n", "4", "-o", str(tmp_path / "s.png")]) == 0
+    assert Image.open(tmp_path / "s.png").size[0] > 0
+    assert main(["evaluate", str(run)]) == 0
+    assert "code_usage" in capsys.readouterr().out
+    assert main(["train-prior", str(tmp_path)]) == 2  # not a model folder: a clear error, exit code 2

@@ -253,7 +253,7 @@ class VQVAE(BaseModel):
         self.check_count(n)
         if not bool(self.prior_trained):
             warnings.warn("the VQ-VAE's code prior has not been trained (vaekit train-prior RUN); "
-                          "samples come from an untrained prior", stacklevel=2)
+                          "samples come from an untrained prior", stacklevel=3)  # past the no_grad wrapper
         was = self.prior.training
         self.prior.eval()
         try:
