@@ -136,3 +136,32 @@ def test_mmd_separates_different_distributions():
         mmd_rbf(torch.randn(4, 2), torch.randn(4, 3))
     with pytest.raises(InputError, match="bandwidths"):
         mmd_rbf(torch.randn(4, 2), torch.randn(4, 2), bandwidths=(0.0,))
+
+
+def _ddp_worker(rank, world, init_file, x, out_dir):
+    import os
+
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    m = _model()
+    opts = m.configure_optimizers(TrainConfig())
+    torch.manual_seed(10 + rank)  # different prior samples on each rank, as under torchrun
+    for _ in range(2):
+        m.train_step(m, x[rank::world], None, opts, {})
+    torch.save(m.state_dict(), os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_ddp_phases_average_gradients_so_ranks_stay_identical(tmp_path):
+    """Two gloo processes with different data and prior samples: after two steps both hold the same
+    weights, and those differ from the start (the phases all-reduce their gradients)."""
+    import torch.multiprocessing as mp
+
+    x = _x(16)
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), x, str(tmp_path)), nprocs=2, join=True)
+    a, b = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
+    start = _model().state_dict()
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6), k
+    assert not torch.equal(a["discriminator.1.weight"], start["discriminator.1.weight"])
