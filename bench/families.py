@@ -276,8 +276,9 @@ def cvae_figures(model, extractor, args) -> dict[str, Any]:
 
 def aae_figures(model, x: torch.Tensor, y: torch.Tensor, args) -> dict[str, Any]:
     """MMD between encoded test points and prior samples, reference MMDs, and the code scatter plot."""
-    with torch.no_grad():
-        codes = posterior_means(model, x, y)
+    with torch.no_grad():  # the aggregate posterior: one draw z ~ q(z|x) per test image (the mean if deterministic)
+        torch.manual_seed(6)
+        codes = torch.cat([model.encode(x[i : i + 1000]).rsample() for i in range(0, x.shape[0], 1000)])
     n = min(args.mmd_points, codes.shape[0])
     g = torch.Generator().manual_seed(5)
     prior = model.sample_prior(n, g)
@@ -318,7 +319,9 @@ def aae_figures(model, x: torch.Tensor, y: torch.Tensor, args) -> dict[str, Any]
         FIGURES.mkdir(parents=True, exist_ok=True)
         fig.savefig(FIGURES / "aae_codes.png", bbox_inches="tight")
         plt.close(fig)
-        r["scatter_png"] = str((FIGURES / "aae_codes.png").relative_to(RESULTS.parent.parent))
+        png = FIGURES / "aae_codes.png"
+        r["scatter_png"] = str(png.relative_to(RESULTS.parent.parent) if png.is_relative_to(RESULTS.parent.parent)
+                               else png)
     except ImportError as exc:
         r["scatter_png"] = f"not drawn: {exc}"
     return r

@@ -53,6 +53,7 @@ class AAEConfig:
     mixture_radius: float = 4.0  # mixture prior: radius of that circle
     mixture_std: float = 0.5  # mixture prior: std of each component (every dimension)
     disc_hidden: tuple[int, ...] = (256, 256)  # discriminator MLP widths
+    disc_steps: int = 1  # discriminator updates per training step (fresh prior samples each)
     adv_weight: float = 1.0  # weight of the encoder's adversarial loss in the regularization phase
     ae_lr: float = 2e-4  # Adam learning rate of the autoencoder and the generator phase
     disc_lr: float = 1e-4  # Adam learning rate of the discriminator
@@ -82,6 +83,7 @@ class AAEConfig:
         if self.prior == "mixture" and self.latent_dim < 2:
             raise ConfigError(f"model.prior 'mixture' needs model.latent_dim >= 2, got {self.latent_dim}")
         check_positive("model.adv_weight", self.adv_weight, allow_zero=True)
+        check_positive("model.disc_steps", self.disc_steps, integer=True)
         check_positive("model.ae_lr", self.ae_lr)
         check_positive("model.disc_lr", self.disc_lr)
         if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):
@@ -307,14 +309,14 @@ class AAE(BaseModel):
         _sync_grads(self.autoencoder_parameters())
         ae.step()
         # 2a. regularization: the discriminator
-        z_real = self.sample_prior(x.shape[0])
         with torch.no_grad():
             z_fake = self.encode(x).rsample()
-        disc.zero_grad(set_to_none=True)
-        d_loss, d_acc = self._disc_terms(z_fake, z_real)
-        d_loss.backward()
-        _sync_grads(list(self.discriminator.parameters()))
-        disc.step()
+        for _ in range(self.config.disc_steps):
+            disc.zero_grad(set_to_none=True)
+            d_loss, d_acc = self._disc_terms(z_fake, self.sample_prior(x.shape[0]))
+            d_loss.backward()
+            _sync_grads(list(self.discriminator.parameters()))
+            disc.step()
         # 2b. regularization: the encoder fools the discriminator
         gen.zero_grad(set_to_none=True)
         self.discriminator.requires_grad_(False)
