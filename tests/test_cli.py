@@ -47,3 +47,15 @@ def test_train_evaluate_sample_reconstruct_end_to_end(tmp_path, capsys, mnist):
 
     assert main(["sample", str(tmp_path), "-o", str(tmp_path / "x.png")]) == 2
     assert "neither a run folder" in capsys.readouterr().err
+
+
+def test_checkpoints_verb_lists_history_and_fallback(tmp_path, capsys, mnist):
+    sets = [f"out_dir={tmp_path}", "name=h", "data.train_subset=512", "data.test_subset=128", "train.epochs=2",
+            "train.batch_size=64", "train.progress=false", "train.tensorboard=off", "model.hidden_sizes=[32]",
+            "model.latent_dim=4", "monitor.samples=100"]
+    assert main(["train"] + [a for s in sets for a in ("--set", s)]) == 0
+    capsys.readouterr()
+    assert main(["checkpoints", str(tmp_path / "h"), "--fallback"]) == 0
+    out = capsys.readouterr().out
+    assert "initial" in out and "epoch" in out and "fallback: step-" in out
+    assert main(["checkpoints", str(tmp_path)]) == 2

@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from vaekit import __version__
-from vaekit.cli import data, evaluate, images, prior, train
+from vaekit.cli import checkpoints, data, evaluate, images, prior, train
 from vaekit.errors import VaekitError
 
 
@@ -19,6 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_parser(sub)
     evaluate.add_parser(sub)
     images.add_parsers(sub)
+    checkpoints.add_parser(sub)
     prior.add_parser(sub)
     return parser
 

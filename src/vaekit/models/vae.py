@@ -20,6 +20,7 @@ from vaekit.errors import ConfigError, InputError, check_choice, check_positive
 from vaekit.models.base import BaseModel, ModelOutput, register_model
 from vaekit.nn.distributions import BernoulliLikelihood, DiagonalGaussian, GaussianLikelihood
 from vaekit.nn.layers import ACTIVATIONS, ConvDecoder, ConvEncoder, MLPDecoder, MLPEncoder
+from vaekit.nn.pixelcnn import AutoregressiveBernoulli, PixelCNNDecoder
 from vaekit.objectives.iwae import importance_terms, iwae_bound
 from vaekit.objectives.kl_control import KLControl, kl_term
 
@@ -39,6 +40,12 @@ class VAEConfig:
     gaussian_sigma: float = 1.0  # Gaussian likelihood: fixed std, or the initial std when learned
     learn_sigma: bool = False  # Gaussian likelihood: learn one std per pixel
     beta: float = 1.0  # weight of the KL term (beta-VAE when != 1)
+    decoder: Literal["mirror", "pixelcnn"] = "mirror"  # mirror of the encoder body, or an autoregressive PixelCNN
+    pixelcnn_channels: int = 32  # PixelCNN decoder: feature channels
+    pixelcnn_layers: int = 5  # PixelCNN decoder: masked 3x3 layers after the 7x7 first one
+    pixelcnn_dilation_cycle: int = 1  # PixelCNN decoder: dilations 1, 2, 4, ... repeat every N layers (1: none)
+    pixelcnn_full_context: int = 0  # PixelCNN decoder: hidden units of a MADE term over all earlier pixels (0: off)
+    decoder_dropout: float = 0.0  # PixelCNN decoder: probability of hiding each input pixel while training
     objective: Literal["elbo", "iwae"] = "elbo"  # training bound: the ELBO, or the k-sample IWAE bound
     iwae_k: int = 5  # importance samples per example for objective 'iwae' (k = 1 is the ELBO)
 
@@ -57,6 +64,15 @@ class VAEConfig:
             raise ConfigError("model.conv_channels must be non-empty for architecture 'conv'")
         check_positive("model.gaussian_sigma", self.gaussian_sigma)
         check_positive("model.beta", self.beta, allow_zero=True)
+        check_choice("model.decoder", self.decoder, ("mirror", "pixelcnn"))
+        check_positive("model.pixelcnn_channels", self.pixelcnn_channels, integer=True)
+        check_positive("model.pixelcnn_layers", self.pixelcnn_layers, allow_zero=True, integer=True)
+        check_positive("model.pixelcnn_dilation_cycle", self.pixelcnn_dilation_cycle, integer=True)
+        check_positive("model.pixelcnn_full_context", self.pixelcnn_full_context, allow_zero=True, integer=True)
+        if not 0 <= self.decoder_dropout < 1:
+            raise ConfigError(f"model.decoder_dropout must be in [0, 1), got {self.decoder_dropout!r}")
+        if self.decoder == "pixelcnn" and self.likelihood != "bernoulli":
+            raise ConfigError("model.decoder 'pixelcnn' models binary pixels: it needs model.likelihood 'bernoulli'")
         check_choice("model.objective", self.objective, ("elbo", "iwae"))
         check_positive("model.iwae_k", self.iwae_k, integer=True)
         if self.objective == "iwae" and self.beta != 1.0:
@@ -101,13 +117,20 @@ class VAE(BaseModel):
         super().__init__(config)
         c = config
         out_shape = c.input_shape
-        z_in = c.latent_dim + cond_size
+        z_in = c.latent_dim + cond_size  # a condition (subclasses) joins z at the decoder input
+        self.decoder: nn.Module
         if c.architecture == "mlp":
             self.encoder = MLPEncoder(c.input_shape, c.hidden_sizes, c.activation)
-            self.decoder = MLPDecoder(z_in, out_shape, c.hidden_sizes, c.activation)
+            if c.decoder == "mirror":
+                self.decoder = MLPDecoder(z_in, out_shape, c.hidden_sizes, c.activation)
         else:
             self.encoder = ConvEncoder(c.input_shape, c.conv_channels, c.hidden_sizes, c.activation)
-            self.decoder = ConvDecoder(z_in, out_shape, c.conv_channels, c.hidden_sizes, c.activation)
+            if c.decoder == "mirror":
+                self.decoder = ConvDecoder(z_in, out_shape, c.conv_channels, c.hidden_sizes, c.activation)
+        if c.decoder == "pixelcnn":
+            self.decoder = PixelCNNDecoder(z_in, c.input_shape, c.pixelcnn_channels, c.pixelcnn_layers,
+                                           dilation_cycle=c.pixelcnn_dilation_cycle,
+                                           full_context=c.pixelcnn_full_context)
         self.to_mean = nn.Linear(self.encoder.out_features + cond_size, c.latent_dim)
         self.to_logvar = nn.Linear(self.encoder.out_features + cond_size, c.latent_dim)
         if c.likelihood == "gaussian":
@@ -128,8 +151,10 @@ class VAE(BaseModel):
         h = self.encoder(x)
         return DiagonalGaussian(self.to_mean(h), self.to_logvar(h))
 
-    def decode(self, z: torch.Tensor) -> BernoulliLikelihood | GaussianLikelihood:
+    def decode(self, z: torch.Tensor) -> BernoulliLikelihood | GaussianLikelihood | AutoregressiveBernoulli:
         """p(x|z) for z (..., D); extra leading dims of z are kept in the output."""
+        if self.config.decoder == "pixelcnn":
+            return AutoregressiveBernoulli(self.decoder, z, self.config.decoder_dropout, self.training)
         lead = z.shape[:-1]
         out = self.decoder(z.reshape(-1, z.shape[-1]))
         out = out.view(*lead, *self.config.input_shape)

@@ -18,6 +18,7 @@ metrics log with its reason.
 
 from __future__ import annotations
 
+import time
 import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
@@ -197,10 +198,12 @@ class CollapseMonitor(Callback):
         step = trainer.state.step
         if self.latest is not None and self.latest["step"] == step:
             return self.latest
+        t0 = time.perf_counter()
         stats = latent_stats(trainer, self.x, self.y, self.config.au_threshold, self.seed + step)
+        seconds = time.perf_counter() - t0
         self.latest = {"step": step, "au": stats["au"], "mi": stats["mi"]}
         trainer.log_record({"type": "monitor", "step": step, "epoch": trainer.state.epoch, "au": stats["au"],
-                            "mi": stats["mi"], "unit_activity": stats["activity"]})
+                            "mi": stats["mi"], "unit_activity": stats["activity"], "seconds": seconds})
         low_au = stats["au"] < self.config.min_active_units
         low_mi = stats["mi"] < self.config.min_mi
         if low_au or low_mi:

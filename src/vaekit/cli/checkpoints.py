@@ -1,0 +1,44 @@
+"""``vaekit checkpoints RUN [--fallback]``: the run's checkpoint history with its health figures."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from vaekit.training.history import choose_fallback, read_history
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("checkpoints", help="list a run's checkpoints with KL, AU, MI and test loss")
+    p.add_argument("run", help="run folder")
+    p.add_argument("--fallback", action="store_true",
+                   help="name the healthiest checkpoint: highest test KL among those whose test "
+                        "reconstruction is within --tolerance of the best")
+    p.add_argument("--tolerance", type=float, default=0.02, help="relative reconstruction tolerance (default 0.02)")
+    p.set_defaults(func=run)
+
+
+def _fmt(v: Any, digits: int = 3) -> str:
+    if v is None:
+        return "-"
+    return f"{v:.{digits}f}" if isinstance(v, float) else str(v)
+
+
+def run(args: argparse.Namespace) -> int:
+    entries = read_history(args.run)
+    headers = ["step", "epoch", "kind", "train KL", "test KL", "test recon", "test loss", "AU", "MI", "file"]
+    rows = [[_fmt(e["step"]), _fmt(e.get("epoch")), e["kind"], _fmt(e.get("train_kl")), _fmt(e.get("test_kl")),
+             _fmt(e.get("test_recon")), _fmt(e.get("test_loss")), _fmt(e.get("au")), _fmt(e.get("mi")), e["file"]]
+            for e in entries]
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+    print("  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)))
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)))
+    if args.fallback:
+        best = choose_fallback(entries, args.tolerance)
+        if best is None:
+            print("fallback: none (no checkpoint has test figures; they are recorded at epoch ends)")
+            return 1
+        print(f"fallback: {best['file']} (step {best['step']}, test KL {_fmt(best['test_kl'])}, "
+              f"test recon {_fmt(best['test_recon'])})")
+    return 0
