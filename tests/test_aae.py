@@ -12,6 +12,15 @@ from vaekit.objectives.mmd import median_bandwidth, mmd_rbf
 from vaekit.training import TrainConfig
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny networks: one thread avoids OpenMP spin-waits on a busy 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _x(n=8):
     return torch.rand(n, 1, 28, 28, generator=torch.Generator().manual_seed(1))
 
