@@ -207,7 +207,7 @@ def mnist_section(args) -> dict[str, Any]:
     for name, cfg in MNIST_RUNS.items():
         if name not in only:
             continue
-        print(f"== mnist / {name}: training for {args.budget_s:.0f} s", flush=True)
+        print(f"== mnist / {name}: {args.budget_s:.0f} s of training (or reused)", flush=True)
         model, info = train_run(Path(args.runs) / "mnist" / name, cfg, data, DataConfig(dataset="mnist"), args,
                                 seconds=args.budget_s)
         torch.manual_seed(1)

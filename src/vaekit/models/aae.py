@@ -54,7 +54,6 @@ class AAEConfig:
     mixture_std: float = 0.5  # mixture prior: std of each component (every dimension)
     disc_hidden: tuple[int, ...] = (256, 256)  # discriminator MLP widths
     disc_steps: int = 1  # discriminator updates per training step (fresh prior samples each)
-    adv_weight: float = 1.0  # weight of the encoder's adversarial loss in the regularization phase
     ae_lr: float = 2e-4  # Adam learning rate of the autoencoder and the generator phase
     disc_lr: float = 1e-4  # Adam learning rate of the discriminator
     adam_betas: tuple[float, float] = (0.5, 0.999)  # Adam moment decay rates of all three optimizers
@@ -82,7 +81,6 @@ class AAEConfig:
         check_positive("model.mixture_std", self.mixture_std)
         if self.prior == "mixture" and self.latent_dim < 2:
             raise ConfigError(f"model.prior 'mixture' needs model.latent_dim >= 2, got {self.latent_dim}")
-        check_positive("model.adv_weight", self.adv_weight, allow_zero=True)
         check_positive("model.disc_steps", self.disc_steps, integer=True)
         check_positive("model.ae_lr", self.ae_lr)
         check_positive("model.disc_lr", self.disc_lr)
@@ -273,7 +271,7 @@ class AAE(BaseModel):
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None, *, check: bool = True) -> AAEOutput:
         """Every term at the current weights, without updating anything. ``y`` is ignored.
 
-        ``loss`` = recon + adv_weight * gen_loss is the autoencoder's objective; the
+        ``loss`` = recon + gen_loss is the autoencoder's objective; the
         discriminator's own objective is ``disc_loss``. Training uses :meth:`train_step`.
         """
         self.check_input(x)
@@ -285,7 +283,7 @@ class AAE(BaseModel):
         g_loss = self._gen_loss(z)
         au, div = self._monitors(z)
         recon = recon_pe.mean()
-        return AAEOutput(loss=recon + self.config.adv_weight * g_loss, recon=recon, disc_loss=d_loss,
+        return AAEOutput(loss=recon + g_loss, recon=recon, disc_loss=d_loss,
                          gen_loss=g_loss, disc_accuracy=d_acc, active_units=au, sample_diversity=div,
                          recon_per_example=recon_pe, z=z)
 
@@ -299,7 +297,6 @@ class AAE(BaseModel):
         if forward_kwargs.get("check", True):
             self.check_targets(x)
         ae, gen, disc = optimizers["autoencoder"], optimizers["generator"], optimizers["discriminator"]
-        w = self.config.adv_weight
         # 1. reconstruction
         ae.zero_grad(set_to_none=True)
         z = self.encode(x).rsample()
@@ -323,13 +320,13 @@ class AAE(BaseModel):
         try:
             z = self.encode(x).rsample()
             g_loss = self._gen_loss(z)
-            (w * g_loss).backward()
+            g_loss.backward()
         finally:
             self.discriminator.requires_grad_(True)
         _sync_grads(self.encoder_parameters())
         gen.step()
         au, div = self._monitors(z)
-        return AAEOutput(loss=(recon + w * g_loss).detach(), recon=recon.detach(), disc_loss=d_loss.detach(),
+        return AAEOutput(loss=(recon + g_loss).detach(), recon=recon.detach(), disc_loss=d_loss.detach(),
                          gen_loss=g_loss.detach(), disc_accuracy=d_acc, active_units=au, sample_diversity=div,
                          recon_per_example=recon_pe.detach(), z=z.detach())
 
