@@ -239,10 +239,10 @@ class VQVAE(BaseModel):
             cb = torch.zeros((), device=x.device)
         recon = recon_pe.mean()
         loss = recon + self.config.commitment_beta * commit + cb
-        f = lambda v: torch.as_tensor(float(v), device=x.device)  # noqa: E731
         return VQVAEOutput(
             loss=loss, recon=recon, commitment=commit.detach(), codebook=cb.detach(),
-            perplexity=perplexity(q.counts), code_usage=usage_fraction(q.counts), dead_codes=f(q.dead_codes),
+            perplexity=perplexity(q.counts), code_usage=usage_fraction(q.counts),
+            dead_codes=torch.tensor(float(q.dead_codes), device=x.device),
             recon_per_example=recon_pe, indices=idx, z_e=z_e, z_q=z_q,
         )
 

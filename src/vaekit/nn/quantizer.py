@@ -130,10 +130,11 @@ class VectorQuantizer(nn.Module):
 
     @torch.no_grad()
     def _restart(self, dead: torch.Tensor, z: torch.Tensor) -> None:
-        n_dead = int(dead.sum())
-        n = z.shape[0]
-        pick = torch.randperm(n, device=z.device)[:n_dead] if n >= n_dead else torch.randint(n, (n_dead,),
-                                                                                            device=z.device)
+        n_dead, n = int(dead.sum()), z.shape[0]
+        if n >= n_dead:  # distinct encoder outputs when the batch has enough
+            pick = torch.randperm(n, device=z.device)[:n_dead]
+        else:
+            pick = torch.randint(n, (n_dead,), device=z.device)
         values = z.detach()[pick].clone()
         if _distributed():
             dist.broadcast(values, src=0)
