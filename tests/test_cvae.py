@@ -11,6 +11,15 @@ from vaekit.models import CVAE, CVAEConfig
 from vaekit.objectives.kl import kl_normal
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Small networks: one thread avoids OpenMP spin-waits on a busy 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _x(n=6):
     return torch.rand(n, 1, 28, 28, generator=torch.Generator().manual_seed(1))
 

@@ -13,6 +13,15 @@ from vaekit.objectives.iwae import importance_terms, iwae_bound, log_importance_
 from vaekit.objectives.kl_control import KLControl
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Small networks: one thread avoids OpenMP spin-waits on a busy 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _x(n=6):
     return torch.rand(n, 1, 28, 28, generator=torch.Generator().manual_seed(1))
 

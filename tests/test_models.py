@@ -50,6 +50,15 @@ GAUSSIAN_FAMILIES = ("vae", "tcvae")  # unconditional q(z|x) = DiagonalGaussian 
 ONE_PER_FAMILY = sorted({c.family: name for name, c in reversed(VARIANTS.items())}.values())
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Small networks: one thread avoids OpenMP spin-waits on a busy 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def test_every_registered_family_has_a_variant():
     assert {c.family for c in VARIANTS.values()} >= set(MODEL_REGISTRY)
 

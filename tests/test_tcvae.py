@@ -17,6 +17,15 @@ from vaekit.objectives.tc import (
 )
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Small networks: one thread avoids OpenMP spin-waits on a busy 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _posteriors(M, D, seed=0, spread=1.0):
     g = torch.Generator().manual_seed(seed)
     mean = torch.randn(M, D, generator=g, dtype=torch.float64) * spread

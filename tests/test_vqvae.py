@@ -18,6 +18,15 @@ SMALL = {"hidden_channels": 16, "residual_channels": 8, "codebook_size": 16, "co
          "prior_layers": 1, "prior_heads": 2}
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Small networks: one thread avoids OpenMP spin-waits on a busy 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _x(n=4):
     return torch.rand(n, 1, 28, 28, generator=torch.Generator().manual_seed(1))
 
