@@ -47,6 +47,7 @@ from common import RESULTS, print_table, write_results  # noqa: E402
 
 from vaekit.data import load_dataset  # noqa: E402
 from vaekit.data.dataset import eval_loader, to_unit_float  # noqa: E402
+from vaekit.errors import VaekitError  # noqa: E402
 from vaekit.evaluation.elbo import evaluate_elbo  # noqa: E402
 from vaekit.evaluation.images import save_grid  # noqa: E402
 from vaekit.evaluation.latent import active_units  # noqa: E402
@@ -104,9 +105,13 @@ def train_run(run_dir: Path, cfg: Any, data, data_cfg: DataConfig, args, *, seco
     model_dir = run_dir / "model"
     info_file = run_dir / "bench_run.json"
     if args.reuse and model_dir.is_dir() and info_file.is_file():
-        model = load_model(model_dir)
-        if model.config == cfg:  # a changed config is retrained
-            return model, json.loads(info_file.read_text())
+        try:
+            model = load_model(model_dir)
+        except VaekitError as exc:  # written by an older version of the family: retrain
+            print(f"   not reusing {model_dir}: {exc}"[:200], flush=True)
+        else:
+            if model.config == cfg:  # a changed config is retrained
+                return model, json.loads(info_file.read_text())
     torch.manual_seed(seed)
     model = build_model(cfg)
     tc = TrainConfig(epochs=epochs, batch_size=batch_size, lr=1e-3, seed=seed, threads=args.threads,
