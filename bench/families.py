@@ -3,7 +3,8 @@ measured with the same figures plus its own; IWAE vs VAE NLL; beta-TCVAE vs VAE 
 
 Sections (``--sections``, default all three):
 
-* ``mnist``: vae, beta-vae (beta 4), iwae (k 5), beta-tcvae (MSS), cvae, vq-vae with and without
+* ``mnist``: vae, beta-vae (beta 4), iwae (k 5), beta-tcvae (MSS), cvae (8-D and 4-D z, learned
+  p(z|c)), vq-vae with and without
   dead-code restart, aae (2-D code, 10-component mixture prior), each trained through the
   Trainer on grey MNIST for ``--budget-s`` seconds. Figures: test reconstruction MSE (per pixel),
   FID of ``--fid-samples`` samples (the issue-4 LeNet extractor), and per family: test KL and
@@ -75,7 +76,9 @@ MNIST_RUNS: dict[str, Any] = {
     "beta_vae": VAEConfig(**MLP, beta=4.0),
     "iwae": VAEConfig(**MLP, objective="iwae", iwae_k=5),
     "tcvae": TCVAEConfig(**MLP, beta=6.0, estimator="mss"),
-    "cvae": CVAEConfig(**MLP, cond_dropout=0.1),
+    # 8-D z and p(z|c): with 20 dims and N(0, I), z also carries the class and samples drift off it
+    "cvae": CVAEConfig(hidden_sizes=(400,), latent_dim=8, learned_prior=True, cond_dropout=0.1),
+    "cvae_z4": CVAEConfig(hidden_sizes=(400,), latent_dim=4, learned_prior=True, cond_dropout=0.1),
     "vqvae": VQVAEConfig(),
     "vqvae_no_restart": VQVAEConfig(restart_dead_codes=False),
     "aae": AAEConfig(latent_dim=2, prior="mixture", disc_steps=3),
