@@ -228,7 +228,7 @@ def mnist_section(args) -> dict[str, Any]:
         if cfg.family == "vqvae":
             r.update(vq_figures(name, model, data, args, fid_fn))
         if cfg.family == "cvae" and extractor is not None:
-            r.update(cvae_figures(model, extractor, args))
+            r.update(cvae_figures(name, model, extractor, args))
         if cfg.family == "aae":
             r.update(aae_figures(model, x, y, args, "aae_codes_table_run.png"))
         if fid_fn is not None and "fid" not in r:
@@ -273,7 +273,7 @@ def vq_figures(name: str, model, data, args, fid_fn) -> dict[str, Any]:
     return r
 
 
-def cvae_figures(model, extractor, args) -> dict[str, Any]:
+def cvae_figures(name: str, model, extractor, args) -> dict[str, Any]:
     """Per-class accuracy of conditional samples under the FID extractor's classifier."""
     n = args.cvae_per_class
     acc, grid = [], []
@@ -282,7 +282,7 @@ def cvae_figures(model, extractor, args) -> dict[str, Any]:
         imgs = sample_images(model, n, c=c)
         acc.append(float((extractor.predict(imgs) == c).double().mean()))
         grid.append(imgs[:10])
-    save_grid(torch.cat(grid), FIGURES / "cvae_samples_by_class.png", nrow=10)
+    save_grid(torch.cat(grid), FIGURES / f"{name}_samples_by_class.png", nrow=10)  # one row per class
     return {"conditional_accuracy": sum(acc) / 10, "conditional_accuracy_min": min(acc),
             "conditional_accuracy_per_class": acc, "samples_per_class": n}
 
