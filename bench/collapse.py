@@ -92,7 +92,7 @@ def run_arm(key: str, args, data, root: Path) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
-    ap.add_argument("--steps", type=int, default=1500, help="optimizer steps per arm")
+    ap.add_argument("--steps", type=int, default=600, help="optimizer steps per arm")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--latent", type=int, default=16)
@@ -101,14 +101,15 @@ def main() -> None:
     ap.add_argument("--dilation-cycle", type=int, default=4, help="dilations 1,2,4,.. repeat every N layers")
     ap.add_argument("--full-context", type=int, default=2000,
                     help="PixelCNN: hidden units of the MADE term that sees all earlier pixels (0: off)")
-    ap.add_argument("--conditioning", choices=["spatial", "global"], default="spatial",
+    ap.add_argument("--conditioning", choices=["spatial", "global"], default="global",
                     help="PixelCNN: z as a per-position (spatial) or per-channel (global) bias")
     ap.add_argument("--full-context-layers", type=int, default=1, help="hidden layers of that MADE term")
     ap.add_argument("--patience", type=int, default=100, help="KL alert: consecutive low steps")
     # the definition of a collapsed run is KL < 0.5 nats and AU <= 1: the detector uses it
     ap.add_argument("--kl-threshold", type=float, default=0.5, help="KL alert threshold, nats")
     ap.add_argument("--min-au", type=int, default=2, help="latent alert when fewer units are active")
-    ap.add_argument("--check-every", type=int, default=200, help="AU/MI check and checkpoint every N steps")
+    ap.add_argument("--check-every", type=int, default=100, help="AU/MI check and checkpoint every N steps")
+    ap.add_argument("--name", default="collapse", help="results file: bench/results/<name>.json")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per run (1 is fastest on a busy machine)")
     ap.add_argument("--out", default=None, help="keep the runs here (default: a temporary folder)")
     args = ap.parse_args()
@@ -126,7 +127,7 @@ def main() -> None:
                   f"-ELBO {r['test_neg_elbo']:.2f} fired={fired} ({r['wall_s']:.0f} s)", flush=True)
     print_table(["arm", "setting", "test KL", "AU", "MI", "test -ELBO", "detector", "recoveries", "time s",
                  "AU/MI checks"], rows)
-    write_results("collapse", {"setup": vars(args), "arms": results})
+    write_results(args.name, {"setup": vars(args), "arms": results})
 
 
 if __name__ == "__main__":
