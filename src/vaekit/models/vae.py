@@ -42,7 +42,7 @@ class VAEConfig:
     pixelcnn_dilation_cycle: int = 1  # PixelCNN decoder: dilations 1, 2, 4, ... repeat every N layers (1: none)
     pixelcnn_full_context: int = 0  # PixelCNN decoder: hidden units of a MADE term over all earlier pixels (0: off)
     pixelcnn_full_context_layers: int = 1  # PixelCNN decoder: hidden layers of that MADE term
-    pixelcnn_conditioning: Literal["spatial", "global"] = "spatial"  # z as a per-position or per-channel bias
+    pixelcnn_cond_grid: int = 0  # PixelCNN decoder: z enters as a bias map of this size (0: full size; 1: global)
     decoder_dropout: float = 0.0  # PixelCNN decoder: probability of hiding each input pixel while training
 
     def __post_init__(self) -> None:
@@ -66,7 +66,7 @@ class VAEConfig:
         check_positive("model.pixelcnn_dilation_cycle", self.pixelcnn_dilation_cycle, integer=True)
         check_positive("model.pixelcnn_full_context", self.pixelcnn_full_context, allow_zero=True, integer=True)
         check_positive("model.pixelcnn_full_context_layers", self.pixelcnn_full_context_layers, integer=True)
-        check_choice("model.pixelcnn_conditioning", self.pixelcnn_conditioning, ("spatial", "global"))
+        check_positive("model.pixelcnn_cond_grid", self.pixelcnn_cond_grid, allow_zero=True, integer=True)
         if not 0 <= self.decoder_dropout < 1:
             raise ConfigError(f"model.decoder_dropout must be in [0, 1), got {self.decoder_dropout!r}")
         if self.decoder == "pixelcnn" and self.likelihood != "bernoulli":
@@ -122,7 +122,7 @@ class VAE(BaseModel):
                                            dilation_cycle=c.pixelcnn_dilation_cycle,
                                            full_context=c.pixelcnn_full_context,
                                            full_context_layers=c.pixelcnn_full_context_layers,
-                                           conditioning=c.pixelcnn_conditioning)
+                                           cond_grid=c.pixelcnn_cond_grid)
         self.to_mean = nn.Linear(self.encoder.out_features, c.latent_dim)
         self.to_logvar = nn.Linear(self.encoder.out_features, c.latent_dim)
         if c.likelihood == "gaussian":
