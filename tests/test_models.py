@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from vaekit.errors import InputError, ModelFormatError
-from vaekit.models import MODEL_REGISTRY, VAE, VAEConfig, build_model, load_model
+from vaekit.models import MODEL_REGISTRY, VAE, PixelVAEConfig, VAEConfig, build_model, load_model
 
 VARIANTS = {
     "vae-mlp-bernoulli": VAEConfig(latent_dim=4, hidden_sizes=(32,)),
@@ -13,6 +13,8 @@ VARIANTS = {
     "vae-mlp-gaussian-fixed": VAEConfig(latent_dim=4, hidden_sizes=(32,), likelihood="gaussian", gaussian_sigma=0.3),
     "vae-conv-gaussian-learned": VAEConfig(latent_dim=4, architecture="conv", conv_channels=(8,),
                                            likelihood="gaussian", learn_sigma=True),
+    "pixel-vae": PixelVAEConfig(latent_dim=4, conv_channels=(8,), encoder_hidden=(16,), decoder_hidden=(16,),
+                                ar_kernel=5, ar_channels=8, ar_hidden=(8,)),
 }
 
 
