@@ -12,6 +12,7 @@ from vaekit.models import (
     VAE,
     AAEConfig,
     CVAEConfig,
+    PixelVAEConfig,
     TCVAEConfig,
     VAEConfig,
     VQVAEConfig,
@@ -31,6 +32,8 @@ VARIANTS = {
     "vae-mlp-gaussian-fixed": VAEConfig(latent_dim=4, hidden_sizes=(32,), likelihood="gaussian", gaussian_sigma=0.3),
     "vae-conv-gaussian-learned": VAEConfig(latent_dim=4, architecture="conv", conv_channels=(8,),
                                            likelihood="gaussian", learn_sigma=True),
+    "pixel-vae": PixelVAEConfig(latent_dim=4, conv_channels=(8,), encoder_hidden=(16,), decoder_hidden=(16,),
+                                ar_kernel=5, ar_channels=8, ar_hidden=(8,)),
     "vae-mlp-iwae": VAEConfig(latent_dim=4, hidden_sizes=(32,), objective="iwae", iwae_k=3),
     "tcvae-mlp-mss": TCVAEConfig(latent_dim=4, hidden_sizes=(32,), dataset_size=1000),
     "tcvae-conv-mws": TCVAEConfig(latent_dim=4, architecture="conv", conv_channels=(8,), hidden_sizes=(16,),
@@ -179,7 +182,7 @@ def test_bad_input_raises_clear_errors(model):
         model([[0.0]])
     with pytest.raises(InputError, match="positive integer"):
         model.sample(0)
-    if model.config.likelihood == "bernoulli":
+    if getattr(model.config, "likelihood", "bernoulli") == "bernoulli":  # PixelVAE: Bernoulli only
         with pytest.raises(InputError, match=r"\[0, 1\]"):
             model(torch.full((2, 1, 28, 28), 255.0), **_kw(model, 2))
 

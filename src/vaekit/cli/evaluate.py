@@ -1,4 +1,10 @@
-"""``vaekit evaluate RUN_OR_MODEL``: test-split ELBO with its recon and KL terms."""
+"""``vaekit evaluate RUN_OR_MODEL``: test-split ELBO with its recon and KL terms, or a full report.
+
+Without ``--metrics`` it prints the ELBO breakdown and writes ``eval.json`` (as before). With
+``--metrics elbo,latent,nll,recon,fid,mig,images`` (or ``all``) it runs those parts of the
+evaluation suite and writes ``report.json``, ``report.md`` and PNG images into ``--report-dir``
+(default ``RUN/report``).
+"""
 
 from __future__ import annotations
 
@@ -21,13 +27,28 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0, help="seed of the posterior samples")
     p.add_argument("-o", "--out", help="JSON file to write (default: RUN/eval.json for a run folder)")
+    p.add_argument("--metrics", help="comma-separated parts of the evaluation suite to run and report: "
+                   "elbo,latent,nll,recon,fid,mig,images or all (default: ELBO only, no report)")
+    p.add_argument("--report-dir", help="report folder (default: RUN/report, or MODEL/report)")
+    p.add_argument("-k", type=int, default=5000, help="importance samples per example for the NLL")
+    p.add_argument("--nll-examples", type=int, help="first N test examples for the NLL (default: all)")
+    p.add_argument("--examples", type=int, help="evaluate every part on the first N test examples (default: all)")
+    p.add_argument("--fid-samples", type=int, default=10000, help="generated images for FID")
+    p.add_argument("--mig-images", type=int, default=100_000,
+                   help="dSprites images for the sampling MIG (0: the whole grid, 737,280)")
+    p.add_argument("--extractor", help="FID extractor folder (default: the vaekit cache)")
+    p.add_argument("--threads", type=int, help="torch CPU threads")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, meta, run_dir = open_model(args.model, device)
     ds, data_cfg = data_for(meta, args.dataset, args.data_dir)
+    if args.metrics:
+        return run_report(args, model, ds, data_cfg, run_dir)
     loader = eval_loader(ds.test, args.batch_size, data_cfg.get("binarize", "none"),
                          data_cfg.get("binarize_seed", 0), device)
     res = evaluate_elbo(model, loader.epoch(0), seed=args.seed)
@@ -45,4 +66,40 @@ def run(args: argparse.Namespace) -> int:
         write_json(out, {"dataset": ds.name, "split": "test", "binarize": data_cfg.get("binarize", "none"),
                          "model": str(args.model), "metrics": res})
         print(f"wrote {out}")
+    return 0
+
+
+def run_report(args: argparse.Namespace, model, ds, data_cfg: dict, run_dir: Path | None) -> int:
+    from vaekit.evaluation.report import EvalConfig, evaluate_model
+
+    metrics = tuple(m.strip() for m in args.metrics.split(",") if m.strip())
+    config = EvalConfig(metrics=metrics, k=args.k, nll_examples=args.nll_examples, fid_samples=args.fid_samples,
+                        mig_sampling_images=args.mig_images or None, batch_size=args.batch_size, seed=args.seed,
+                        extractor_path=args.extractor, test_examples=args.examples)
+    model_dir = Path(args.model) if run_dir is None else run_dir
+    out = Path(args.report_dir) if args.report_dir else model_dir / "report"
+    binarize = data_cfg.get("binarize", "none")
+    print(f"evaluating {args.model} on {ds.name} (test split, binarize={binarize}): {', '.join(config.metrics)}")
+    report = evaluate_model(model, ds, out, config, binarize=binarize, name=str(args.model), progress=True)
+    rows = []
+    m = report["metrics"]
+    for part, res in m.items():
+        if "skipped" in res:
+            rows.append((part, f"skipped: {res['skipped']}"))
+    if "neg_elbo" in m.get("elbo", {}):
+        rows += [("-ELBO", m["elbo"]["neg_elbo"]), ("KL", m["elbo"]["kl"])]
+    if "nll" in m.get("nll", {}):
+        rows += [(f"NLL (k={m['nll']['k']})", f"{m['nll']['nll']:.3f} +- {m['nll']['nll_stderr']:.3f} nats, "
+                  f"{m['nll']['bits_per_dim']:.4f} bits/dim")]
+    if "active_units" in m.get("latent", {}):
+        rows += [("active units", m["latent"]["active_units"]), ("I(x; z)", m["latent"]["mutual_information"])]
+    if "mse" in m.get("recon", {}):
+        rows += [("MSE", m["recon"]["mse"]), ("SSIM", m["recon"]["ssim"])]
+    if "fid" in m.get("fid", {}):
+        rows += [("FID", m["fid"]["fid"]), ("FID floor (train vs test)", m["fid"]["fid_floor_train_vs_test"])]
+    for est in ("histogram", "sampling"):
+        if est in m.get("mig", {}):
+            rows.append((f"MIG ({est} estimator)", m["mig"][est][f"mig_{est}"]))
+    print_table(rows, "results (nats per example)")
+    print(f"wrote {out / 'report.json'} and {out / 'report.md'}")
     return 0

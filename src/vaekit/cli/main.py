@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from vaekit import __version__
-from vaekit.cli import checkpoints, data, evaluate, images, prior, train
+from vaekit.cli import checkpoints, data, evaluate, fid_extractor, images, prior, train
 from vaekit.errors import VaekitError
 
 
@@ -20,6 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_parser(sub)
     images.add_parsers(sub)
     checkpoints.add_parser(sub)
+    fid_extractor.add_parser(sub)
     prior.add_parser(sub)
     return parser
 

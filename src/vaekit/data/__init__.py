@@ -10,6 +10,7 @@ import os
 from collections.abc import Callable, Sequence
 
 from vaekit.data.dataset import BINARIZE_MODES, BatchLoader, ImageDataset, ImageSplit, eval_loader
+from vaekit.data.dsprites import load_dsprites
 from vaekit.data.fashion import fetch_fashion_mnist, load_fashion_mnist
 from vaekit.data.mnist import fetch_mnist, load_mnist
 from vaekit.errors import ConfigError
@@ -17,6 +18,7 @@ from vaekit.errors import ConfigError
 LOADERS: dict[str, Callable[..., ImageDataset]] = {
     "mnist": load_mnist,
     "fashion-mnist": load_fashion_mnist,
+    "dsprites": load_dsprites,
 }
 
 
@@ -34,5 +36,6 @@ def load_dataset(
 
 __all__ = [
     "BINARIZE_MODES", "LOADERS", "BatchLoader", "ImageDataset", "ImageSplit", "eval_loader",
-    "fetch_fashion_mnist", "fetch_mnist", "load_dataset", "load_fashion_mnist", "load_mnist",
+    "fetch_fashion_mnist", "fetch_mnist", "load_dataset", "load_dsprites", "load_fashion_mnist",
+    "load_mnist",
 ]

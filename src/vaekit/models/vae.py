@@ -45,6 +45,8 @@ class VAEConfig:
     pixelcnn_layers: int = 5  # PixelCNN decoder: masked 3x3 layers after the 7x7 first one
     pixelcnn_dilation_cycle: int = 1  # PixelCNN decoder: dilations 1, 2, 4, ... repeat every N layers (1: none)
     pixelcnn_full_context: int = 0  # PixelCNN decoder: hidden units of a MADE term over all earlier pixels (0: off)
+    pixelcnn_full_context_layers: int = 1  # PixelCNN decoder: hidden layers of that MADE term
+    pixelcnn_cond_grid: int = 0  # PixelCNN decoder: z enters as a bias map of this size (0: full size; 1: global)
     decoder_dropout: float = 0.0  # PixelCNN decoder: probability of hiding each input pixel while training
     objective: Literal["elbo", "iwae"] = "elbo"  # training bound: the ELBO, or the k-sample IWAE bound
     iwae_k: int = 5  # importance samples per example for objective 'iwae' (k = 1 is the ELBO)
@@ -69,6 +71,8 @@ class VAEConfig:
         check_positive("model.pixelcnn_layers", self.pixelcnn_layers, allow_zero=True, integer=True)
         check_positive("model.pixelcnn_dilation_cycle", self.pixelcnn_dilation_cycle, integer=True)
         check_positive("model.pixelcnn_full_context", self.pixelcnn_full_context, allow_zero=True, integer=True)
+        check_positive("model.pixelcnn_full_context_layers", self.pixelcnn_full_context_layers, integer=True)
+        check_positive("model.pixelcnn_cond_grid", self.pixelcnn_cond_grid, allow_zero=True, integer=True)
         if not 0 <= self.decoder_dropout < 1:
             raise ConfigError(f"model.decoder_dropout must be in [0, 1), got {self.decoder_dropout!r}")
         if self.decoder == "pixelcnn" and self.likelihood != "bernoulli":
@@ -130,7 +134,9 @@ class VAE(BaseModel):
         if c.decoder == "pixelcnn":
             self.decoder = PixelCNNDecoder(z_in, c.input_shape, c.pixelcnn_channels, c.pixelcnn_layers,
                                            dilation_cycle=c.pixelcnn_dilation_cycle,
-                                           full_context=c.pixelcnn_full_context)
+                                           full_context=c.pixelcnn_full_context,
+                                           full_context_layers=c.pixelcnn_full_context_layers,
+                                           cond_grid=c.pixelcnn_cond_grid)
         self.to_mean = nn.Linear(self.encoder.out_features + cond_size, c.latent_dim)
         self.to_logvar = nn.Linear(self.encoder.out_features + cond_size, c.latent_dim)
         if c.likelihood == "gaussian":

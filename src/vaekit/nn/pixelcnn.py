@@ -49,26 +49,32 @@ class MaskedLinear(nn.Linear):
 class MADE(nn.Module):
     """Autoregressive n -> n logits in raster order (Germain et al. 2015): output i sees inputs j < i.
 
-    One masked hidden layer of ``hidden`` units (degrees spread evenly over 1..n-1) plus a
-    direct masked linear connection. Every pixel sees every earlier pixel: no blind spot.
+    ``layers`` masked hidden layers of ``hidden`` units (degrees spread evenly over 1..n-1)
+    plus a direct masked linear connection. Every pixel sees every earlier pixel: no blind spot.
     """
 
-    def __init__(self, n: int, hidden: int):
+    def __init__(self, n: int, hidden: int, layers: int = 1):
         super().__init__()
         deg_in = torch.arange(1, n + 1)
         self.direct = MaskedLinear((deg_in[:, None] > deg_in[None, :]).float())
         with torch.no_grad():
             self.direct.weight.zero_()
-        self.hidden = None
-        if hidden > 0:
+        self.hidden = nn.ModuleList()
+        if hidden > 0 and layers > 0:
             deg_h = torch.linspace(1, n - 1, hidden).round().long()
-            self.hidden = MaskedLinear((deg_h[:, None] >= deg_in[None, :]).float())
+            prev = deg_in
+            for _ in range(layers):
+                self.hidden.append(MaskedLinear((deg_h[:, None] >= prev[None, :]).float()))
+                prev = deg_h
             self.out = MaskedLinear((deg_in[:, None] > deg_h[None, :]).float())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.direct(x)
-        if self.hidden is not None:
-            y = y + self.out(F.relu(self.hidden(x)))
+        if len(self.hidden):
+            h = x
+            for layer in self.hidden:
+                h = F.relu(layer(h))
+            y = y + self.out(h)
         return y
 
 
@@ -81,13 +87,20 @@ class PixelCNNDecoder(nn.Module):
     """
 
     def __init__(self, latent_dim: int, image_shape: tuple[int, int, int], channels: int = 32, layers: int = 5,
-                 kernel: int = 3, first_kernel: int = 7, dilation_cycle: int = 1, full_context: int = 0):
+                 kernel: int = 3, first_kernel: int = 7, dilation_cycle: int = 1, full_context: int = 0,
+                 full_context_layers: int = 1, cond_grid: int = 0):
         super().__init__()
         C, H, W = image_shape
-        self.image_shape, self.channels = (C, H, W), channels
+        grid = cond_grid or H
+        if H != W or H % grid:
+            raise ConfigError(f"cond_grid must divide the (square) image size {H}x{W}, got {cond_grid}")
+        self.image_shape, self.channels, self.grid = (C, H, W), channels, grid
         # dilations 1, 2, 4, ... repeating every `dilation_cycle` layers widen the context cheaply
         dilations = [2 ** (i % dilation_cycle) for i in range(layers)]
-        self.cond = nn.Linear(latent_dim, channels * H * W)
+        # z sets a bias for every channel on a grid x grid map, repeated over blocks of pixels:
+        # grid = H is one bias per position, grid = 1 one per channel, the same everywhere (the
+        # conditional PixelCNN of van den Oord et al. 2016). A coarser grid is a weaker path for z.
+        self.cond = nn.Linear(latent_dim, channels * grid * grid)
         self.first = MaskedConv2d("A", C, channels, first_kernel)
         self.layers = nn.ModuleList(MaskedConv2d("B", channels, channels, kernel, d) for d in dilations)
         self.cond_proj = nn.ModuleList(nn.Conv2d(channels, channels, 1) for _ in range(layers))
@@ -99,12 +112,20 @@ class PixelCNNDecoder(nn.Module):
             # (`full_context` hidden units): no blind spot, no receptive-field limit
             if C != 1:
                 raise ConfigError(f"full_context supports one channel, got {C}")
-            self.full_context = MADE(H * W, full_context)
+            self.full_context = MADE(H * W, full_context, full_context_layers)
             self.receptive_rows = H
 
     def condition(self, z: torch.Tensor) -> torch.Tensor:
         """z (N, D) -> conditioning map (N, channels, H, W)."""
-        return self.cond(z).view(-1, self.channels, *self.image_shape[1:])
+        H, W = self.image_shape[1:]
+        g = self.grid
+        m = self.cond(z).view(-1, self.channels, g, g)
+        if g == H:
+            return m
+        if g == 1:
+            return m.expand(-1, -1, H, W)
+        b = H // g
+        return m.repeat_interleave(b, dim=2).repeat_interleave(b, dim=3)
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         """x (N, C, H, W) in [0, 1], cond (N, channels, H', W) (H' = H or a row crop) -> logits."""

@@ -1,0 +1,82 @@
+"""The evaluation report end to end on a small model: every part runs or says why it was skipped."""
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from vaekit.cli.main import main
+from vaekit.data import ImageDataset
+from vaekit.errors import ConfigError
+from vaekit.evaluation.report import EvalConfig, evaluate_model
+from vaekit.models import VAE, PixelVAE, PixelVAEConfig, VAEConfig
+
+
+@pytest.fixture(scope="module")
+def small(mnist):
+    return ImageDataset("mnist", mnist.train.subset(500), mnist.test.subset(200), mnist.classes, mnist.provenance)
+
+
+def test_report_runs_every_part_and_explains_skips(small, tmp_path):
+    torch.manual_seed(0)
+    model = VAE(VAEConfig(latent_dim=4, hidden_sizes=(32,)))
+    cfg = EvalConfig(metrics=("all",), k=20, nll_examples=50, recon_examples=50, fid_samples=100, batch_size=100,
+                     extractor_path=str(tmp_path / "no-extractor"), traversal_dims=3)
+    rep = evaluate_model(model, small, tmp_path / "rep", cfg, binarize="dynamic", name="tiny")
+    m = rep["metrics"]
+    assert m["elbo"]["n"] == 200 and m["nll"]["n"] == 50 and m["nll"]["k"] == 20
+    assert m["nll"]["nll"] <= m["elbo"]["neg_elbo"] + 5  # a tighter bound than the 1-sample ELBO (up to noise)
+    assert 0 <= m["latent"]["active_units"] <= 4 and m["recon"]["n"] == 50
+    assert "vaekit fid-extractor train mnist" in m["fid"]["skipped"]
+    assert "dsprites" in m["mig"]["skipped"]
+    files = m["images"]["files"]
+    assert set(files) == {"samples", "reconstructions", "interpolations", "traversals"}
+    assert Image.open(tmp_path / "rep" / files["traversals"]).size[1] == (3 * 30 + 2) * 2  # 3 rows of dims
+    saved = json.loads((tmp_path / "rep" / "report.json").read_text())
+    assert saved["metrics"]["nll"]["nll"] == m["nll"]["nll"]
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert "![samples](samples.png)" in md and "Skipped:" in md and "bits/dim" in md and "k = 20" in md
+    assert model.training  # the model's mode is restored
+
+
+def test_report_for_the_pixel_vae(small, tmp_path):
+    torch.manual_seed(0)
+    model = PixelVAE(PixelVAEConfig(latent_dim=3, conv_channels=(8,), encoder_hidden=(16,), decoder_hidden=(16,),
+                                    ar_kernel=5, ar_channels=8, ar_hidden=(8,)))
+    cfg = EvalConfig(metrics=("elbo", "nll", "images"), k=10, nll_examples=20, batch_size=100, traversal_dims=2)
+    rep = evaluate_model(model, small, tmp_path / "rep", cfg, binarize="dynamic")
+    assert rep["metrics"]["nll"]["n"] == 20 and (tmp_path / "rep" / "samples.png").is_file()
+
+
+def test_eval_config_is_validated():
+    with pytest.raises(ConfigError, match="metrics must be"):
+        EvalConfig(metrics=("elbo", "inception"))
+    with pytest.raises(ConfigError, match="k must be a positive integer"):
+        EvalConfig(k=0)
+    assert EvalConfig(metrics=("all",)).metrics[0] == "elbo"
+
+
+def test_cli_evaluate_writes_a_report(tmp_path, capsys, mnist):
+    torch.manual_seed(0)
+    VAE(VAEConfig(latent_dim=2, hidden_sizes=(16,))).save(tmp_path / "m", metadata={"data": {"binarize": "dynamic"}})
+    argv = ["evaluate", str(tmp_path / "m"), "--metrics", "elbo,nll,latent", "-k", "5", "--nll-examples", "30",
+            "--examples", "300", "--report-dir", str(tmp_path / "r")]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "NLL (k=5)" in out and "active units" in out
+    rep = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert rep["binarize"] == "dynamic" and rep["metrics"]["nll"]["n"] == 30 and rep["metrics"]["elbo"]["n"] == 300
+    assert main(["evaluate", str(tmp_path / "m"), "--metrics", "elbo,bogus"]) == 2
+
+
+def test_nll_is_skipped_with_the_reason_for_a_model_without_a_probabilistic_posterior(small, tmp_path):
+    class Deterministic(VAE):
+        def encode(self, x):
+            return super().encode(x).mean  # a plain tensor, like a VQ-VAE's codes
+
+    torch.manual_seed(0)
+    model = Deterministic(VAEConfig(latent_dim=2, hidden_sizes=(8,)))
+    rep = evaluate_model(model, small, tmp_path, EvalConfig(metrics=("nll", "latent"), batch_size=100))
+    assert "no rsample, log_prob" in rep["metrics"]["nll"]["skipped"]
+    assert "mean/logvar" in rep["metrics"]["latent"]["skipped"]
