@@ -9,6 +9,7 @@ is trained in several arms with the same step budget:
   d  free bits, lambda = 0.5 nats per latent dimension
   e  decoder-input dropout
   f  as (a), with monitor.on_collapse=recover (reload from before the onset, free bits on)
+  g  capacity annealing (Burgess et al. 2018), C rising to --capacity nats over the budget
 
 For each arm: final test KL, active units and MI on held-out data, the test -ELBO (an NLL
 proxy, one posterior sample), and whether and when the collapse detector fired. The monitor
@@ -41,8 +42,9 @@ ARMS = {
     "b": ("linear warm-up", {"schedule": "linear", "warmup_epochs": None}, {}, {}),
     "c": ("cyclical annealing", {"schedule": "cyclical", "cycles": 4, "cycle_ratio": 0.5}, {}, {}),
     "d": ("free bits 0.5 nats/dim", {"free_bits": 0.5}, {}, {}),
-    "e": ("decoder-input dropout", {}, {"decoder_dropout": 0.5}, {}),
+    "e": ("decoder-input dropout", {}, {}, {}),
     "f": ("recover (free bits on)", {}, {}, {"on_collapse": "recover", "recover_action": "free_bits"}),
+    "g": ("capacity annealing", {"schedule": "capacity"}, {}, {}),
 }
 
 
@@ -51,13 +53,19 @@ def model_config(args, **extra) -> VAEConfig:
                      decoder="pixelcnn", pixelcnn_channels=args.channels, pixelcnn_layers=args.layers,
                      pixelcnn_dilation_cycle=args.dilation_cycle, pixelcnn_full_context=args.full_context,
                      pixelcnn_full_context_layers=args.full_context_layers,
-                     pixelcnn_conditioning=args.conditioning, **extra)
+                     pixelcnn_cond_grid=args.cond_grid, **extra)
 
 
 def run_arm(key: str, args, data, root: Path) -> dict:
     label, kl_kw, model_kw, mon_kw = ARMS[key]
     if kl_kw.get("schedule") == "linear":
-        kl_kw = {"schedule": "linear", "warmup_steps": args.steps // 2}
+        kl_kw = {"schedule": "linear", "warmup_steps": max(1, round(args.steps * args.warmup_fraction))}
+    if kl_kw.get("schedule") == "capacity":
+        kl_kw = {"schedule": "capacity", "capacity_max": args.capacity, "capacity_steps": args.steps,
+                 "capacity_gamma": args.gamma}
+    if key == "e":
+        model_kw = {"decoder_dropout": args.dropout}
+        label = f"{label} p={args.dropout}"
     torch.manual_seed(0)
     model = VAE(model_config(args, **model_kw))
     mon = MonitorConfig(every_steps=args.check_every, samples=1000, patience=args.patience,
@@ -92,7 +100,7 @@ def run_arm(key: str, args, data, root: Path) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
-    ap.add_argument("--steps", type=int, default=1500, help="optimizer steps per arm")
+    ap.add_argument("--steps", type=int, default=600, help="optimizer steps per arm")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--latent", type=int, default=16)
@@ -101,14 +109,19 @@ def main() -> None:
     ap.add_argument("--dilation-cycle", type=int, default=4, help="dilations 1,2,4,.. repeat every N layers")
     ap.add_argument("--full-context", type=int, default=2000,
                     help="PixelCNN: hidden units of the MADE term that sees all earlier pixels (0: off)")
-    ap.add_argument("--conditioning", choices=["spatial", "global"], default="spatial",
-                    help="PixelCNN: z as a per-position (spatial) or per-channel (global) bias")
+    ap.add_argument("--cond-grid", type=int, default=1,
+                    help="PixelCNN: z enters as a bias map of this size (1: per channel; 28: per pixel)")
     ap.add_argument("--full-context-layers", type=int, default=1, help="hidden layers of that MADE term")
+    ap.add_argument("--warmup-fraction", type=float, default=1.0, help="arm b: warm-up length / budget")
+    ap.add_argument("--capacity", type=float, default=10.0, help="arm g: C_max, nats")
+    ap.add_argument("--gamma", type=float, default=100.0, help="arm g: capacity weight gamma")
+    ap.add_argument("--dropout", type=float, default=0.5, help="arm e: decoder-input dropout probability")
     ap.add_argument("--patience", type=int, default=100, help="KL alert: consecutive low steps")
     # the definition of a collapsed run is KL < 0.5 nats and AU <= 1: the detector uses it
     ap.add_argument("--kl-threshold", type=float, default=0.5, help="KL alert threshold, nats")
     ap.add_argument("--min-au", type=int, default=2, help="latent alert when fewer units are active")
-    ap.add_argument("--check-every", type=int, default=200, help="AU/MI check and checkpoint every N steps")
+    ap.add_argument("--check-every", type=int, default=100, help="AU/MI check and checkpoint every N steps")
+    ap.add_argument("--name", default="collapse", help="results file: bench/results/<name>.json")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per run (1 is fastest on a busy machine)")
     ap.add_argument("--out", default=None, help="keep the runs here (default: a temporary folder)")
     args = ap.parse_args()
@@ -126,7 +139,7 @@ def main() -> None:
                   f"-ELBO {r['test_neg_elbo']:.2f} fired={fired} ({r['wall_s']:.0f} s)", flush=True)
     print_table(["arm", "setting", "test KL", "AU", "MI", "test -ELBO", "detector", "recoveries", "time s",
                  "AU/MI checks"], rows)
-    write_results("collapse", {"setup": vars(args), "arms": results})
+    write_results(args.name, {"setup": vars(args), "arms": results})
 
 
 if __name__ == "__main__":

@@ -58,6 +58,8 @@ def run(args: argparse.Namespace) -> int:
         rows += [("kl", res["kl"]), ("-ELBO", res["neg_elbo"]),
                  ("-ELBO bits/dim", res["neg_elbo"] / (math.log(2) * math.prod(model.input_shape)))]
         rows += [("latent dims", D), ("dims with KL > 0.01", sum(k > 0.01 for k in res["kl_per_dim"]))]
+    shown = {"n", "loss", "recon", "kl", "neg_elbo", "kl_per_dim"}
+    rows += [(k, v) for k, v in res.items() if k not in shown and isinstance(v, float)]  # the family's own terms
     print_table(rows, f"{ds.name} test split, binarize={data_cfg.get('binarize', 'none')} (nats per example)")
     out = Path(args.out) if args.out else (run_dir / "eval.json" if run_dir else None)
     if out:

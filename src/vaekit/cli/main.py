@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from vaekit import __version__
-from vaekit.cli import checkpoints, data, evaluate, fid_extractor, images, train
+from vaekit.cli import checkpoints, data, evaluate, fid_extractor, images, prior, train
 from vaekit.errors import VaekitError
 
 
@@ -21,6 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     images.add_parsers(sub)
     checkpoints.add_parser(sub)
     fid_extractor.add_parser(sub)
+    prior.add_parser(sub)
     return parser
 
 

@@ -38,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
               + (f" (resumed from {result.resumed_from})" if result.resumed_from else ""))
         if result.final_eval:
             ev = result.final_eval
-            print(f"test: loss {ev['loss']:.3f}  recon {ev['recon']:.3f}  kl {ev.get('kl', float('nan')):.3f} "
-                  f"(nats per example, n={ev['n']})")
+            terms = "  ".join(f"{k} {v:.3f}" for k, v in ev.items() if isinstance(v, float) and k != "neg_elbo")
+            print(f"test: {terms} (loss terms in nats per example, n={ev['n']})")
         print(f"model: {result.model_dir}")
     return 0

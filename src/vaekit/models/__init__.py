@@ -1,5 +1,6 @@
 """Model families under one interface; ``MODEL_REGISTRY`` maps family names to classes."""
 
+from vaekit.models.aae import AAE, AAEConfig, AAEOutput
 from vaekit.models.base import (
     MODEL_REGISTRY,
     BaseModel,
@@ -10,10 +11,15 @@ from vaekit.models.base import (
     model_config_from_dict,
     register_model,
 )
+from vaekit.models.cvae import CVAE, CVAEConfig
 from vaekit.models.pixel_vae import PixelVAE, PixelVAEConfig
+from vaekit.models.tcvae import TCVAE, TCVAEConfig, TCVAEOutput
 from vaekit.models.vae import VAE, VAEConfig, VAEOutput
+from vaekit.models.vqvae import VQVAE, VQVAEConfig, VQVAEOutput
 
 __all__ = [
-    "MODEL_REGISTRY", "VAE", "BaseModel", "ModelOutput", "PixelVAE", "PixelVAEConfig", "VAEConfig", "VAEOutput",
+    "AAE", "CVAE", "MODEL_REGISTRY", "PixelVAE", "TCVAE", "VAE", "VQVAE", "AAEConfig", "AAEOutput", "BaseModel",
+    "CVAEConfig", "ModelOutput", "PixelVAEConfig", "TCVAEConfig", "TCVAEOutput", "VAEConfig", "VAEOutput",
+    "VQVAEConfig", "VQVAEOutput",
     "build_model", "load_model", "model_class", "model_config_from_dict", "register_model",
 ]

@@ -1,7 +1,10 @@
 """The Gaussian VAE (Kingma & Welling 2014) with MLP or convolutional networks.
 
 encoder -> (mean, logvar) -> z = mean + exp(logvar / 2) * eps -> decoder -> p(x|z),
-trained on the negative ELBO  E_q[-log p(x|z)] + beta * KL(q(z|x) || N(0, I)).
+trained on the negative ELBO  E_q[-log p(x|z)] + beta * KL(q(z|x) || N(0, I)),
+or (``objective: iwae``) on the k-sample importance-weighted bound of Burda et al. (2015),
+computed by :mod:`vaekit.objectives.iwae`, the same code the NLL evaluation uses.
+Subclasses (conditional VAE, beta-TCVAE) reuse the pieces through ``cond`` arguments.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from vaekit.models.base import BaseModel, ModelOutput, register_model
 from vaekit.nn.distributions import BernoulliLikelihood, DiagonalGaussian, GaussianLikelihood
 from vaekit.nn.layers import ACTIVATIONS, ConvDecoder, ConvEncoder, MLPDecoder, MLPEncoder
 from vaekit.nn.pixelcnn import AutoregressiveBernoulli, PixelCNNDecoder
+from vaekit.objectives.iwae import importance_terms, iwae_bound
 from vaekit.objectives.kl_control import KLControl, kl_term
 
 
@@ -42,8 +46,10 @@ class VAEConfig:
     pixelcnn_dilation_cycle: int = 1  # PixelCNN decoder: dilations 1, 2, 4, ... repeat every N layers (1: none)
     pixelcnn_full_context: int = 0  # PixelCNN decoder: hidden units of a MADE term over all earlier pixels (0: off)
     pixelcnn_full_context_layers: int = 1  # PixelCNN decoder: hidden layers of that MADE term
-    pixelcnn_conditioning: Literal["spatial", "global"] = "spatial"  # z as a per-position or per-channel bias
+    pixelcnn_cond_grid: int = 0  # PixelCNN decoder: z enters as a bias map of this size (0: full size; 1: global)
     decoder_dropout: float = 0.0  # PixelCNN decoder: probability of hiding each input pixel while training
+    objective: Literal["elbo", "iwae"] = "elbo"  # training bound: the ELBO, or the k-sample IWAE bound
+    iwae_k: int = 5  # importance samples per example for objective 'iwae' (k = 1 is the ELBO)
 
     def __post_init__(self) -> None:
         if len(self.input_shape) != 3 or any(not isinstance(s, int) or s <= 0 for s in self.input_shape):
@@ -66,11 +72,16 @@ class VAEConfig:
         check_positive("model.pixelcnn_dilation_cycle", self.pixelcnn_dilation_cycle, integer=True)
         check_positive("model.pixelcnn_full_context", self.pixelcnn_full_context, allow_zero=True, integer=True)
         check_positive("model.pixelcnn_full_context_layers", self.pixelcnn_full_context_layers, integer=True)
-        check_choice("model.pixelcnn_conditioning", self.pixelcnn_conditioning, ("spatial", "global"))
+        check_positive("model.pixelcnn_cond_grid", self.pixelcnn_cond_grid, allow_zero=True, integer=True)
         if not 0 <= self.decoder_dropout < 1:
             raise ConfigError(f"model.decoder_dropout must be in [0, 1), got {self.decoder_dropout!r}")
         if self.decoder == "pixelcnn" and self.likelihood != "bernoulli":
             raise ConfigError("model.decoder 'pixelcnn' models binary pixels: it needs model.likelihood 'bernoulli'")
+        check_choice("model.objective", self.objective, ("elbo", "iwae"))
+        check_positive("model.iwae_k", self.iwae_k, integer=True)
+        if self.objective == "iwae" and self.beta != 1.0:
+            raise ConfigError(f"model.beta must be 1.0 with objective 'iwae' (the bound has no KL weight), "
+                              f"got {self.beta!r}")
 
 
 @dataclass
@@ -82,8 +93,9 @@ class VAEOutput(ModelOutput):
     kl_used: torch.Tensor  # scalar: the KL as optimized (after free bits / floor); equals kl without them
     recon_per_example: torch.Tensor  # (B,): -log p(x|z) per example
     kl_per_example: torch.Tensor  # (B,): KL per example
-    z: torch.Tensor  # (B, D): the reparameterized sample
+    z: torch.Tensor  # (B, D): the reparameterized sample (the first of k under the IWAE objective)
     posterior: DiagonalGaussian
+    iwae: torch.Tensor | None = None  # scalar: batch mean of the k-sample bound L_k (IWAE objective only)
 
     @property
     def elbo_per_example(self) -> torch.Tensor:
@@ -99,38 +111,45 @@ class VAE(BaseModel):
     """Gaussian-posterior VAE with a Bernoulli or Gaussian likelihood."""
 
     config_class = VAEConfig
-    supports_kl_control = True
 
-    def __init__(self, config: VAEConfig | None = None):
-        config = config or VAEConfig()
-        if not isinstance(config, VAEConfig):
-            raise ConfigError(f"VAE needs a VAEConfig, got {type(config).__name__}")
+    def __init__(self, config: VAEConfig | None = None, cond_size: int = 0):
+        """``cond_size`` > 0 (subclasses) widens the encoder head and the decoder input for a condition."""
+        config = config or self.config_class()
+        if not isinstance(config, self.config_class):
+            want, got = self.config_class.__name__, type(config).__name__
+            raise ConfigError(f"{type(self).__name__} needs a {want}, got {got}")
         super().__init__(config)
         c = config
         out_shape = c.input_shape
+        z_in = c.latent_dim + cond_size  # a condition (subclasses) joins z at the decoder input
         self.decoder: nn.Module
         if c.architecture == "mlp":
             self.encoder = MLPEncoder(c.input_shape, c.hidden_sizes, c.activation)
             if c.decoder == "mirror":
-                self.decoder = MLPDecoder(c.latent_dim, out_shape, c.hidden_sizes, c.activation)
+                self.decoder = MLPDecoder(z_in, out_shape, c.hidden_sizes, c.activation)
         else:
             self.encoder = ConvEncoder(c.input_shape, c.conv_channels, c.hidden_sizes, c.activation)
             if c.decoder == "mirror":
-                self.decoder = ConvDecoder(c.latent_dim, out_shape, c.conv_channels, c.hidden_sizes, c.activation)
+                self.decoder = ConvDecoder(z_in, out_shape, c.conv_channels, c.hidden_sizes, c.activation)
         if c.decoder == "pixelcnn":
-            self.decoder = PixelCNNDecoder(c.latent_dim, c.input_shape, c.pixelcnn_channels, c.pixelcnn_layers,
+            self.decoder = PixelCNNDecoder(z_in, c.input_shape, c.pixelcnn_channels, c.pixelcnn_layers,
                                            dilation_cycle=c.pixelcnn_dilation_cycle,
                                            full_context=c.pixelcnn_full_context,
                                            full_context_layers=c.pixelcnn_full_context_layers,
-                                           conditioning=c.pixelcnn_conditioning)
-        self.to_mean = nn.Linear(self.encoder.out_features, c.latent_dim)
-        self.to_logvar = nn.Linear(self.encoder.out_features, c.latent_dim)
+                                           cond_grid=c.pixelcnn_cond_grid)
+        self.to_mean = nn.Linear(self.encoder.out_features + cond_size, c.latent_dim)
+        self.to_logvar = nn.Linear(self.encoder.out_features + cond_size, c.latent_dim)
         if c.likelihood == "gaussian":
             init = torch.full(c.input_shape, math.log(c.gaussian_sigma))
             if c.learn_sigma:
                 self.log_sigma = nn.Parameter(init)
             else:
                 self.register_buffer("log_sigma", init)
+
+    @property
+    def supports_kl_control(self) -> bool:  # type: ignore[override]
+        """KL schedules and free bits act on the ELBO's KL term; the IWAE bound has none."""
+        return self.config.objective == "elbo"
 
     # -- the probabilistic pieces ----------------------------------------------------------------
     def encode(self, x: torch.Tensor) -> DiagonalGaussian:
@@ -174,17 +193,52 @@ class VAE(BaseModel):
         self.check_input(x)
         if check:
             self.check_targets(x)
-        posterior = self.encode(x)
+        if self.config.objective == "iwae":
+            return self._iwae_output(x, None, beta, kl_control)
+        control = kl_control or KLControl(weight=self.config.beta if beta is None else beta)
+        return self._elbo_output(x, None, control)
+
+    # -- the two training bounds (shared with subclasses; ``cond`` is None for this family) -----
+    def _encode(self, x: torch.Tensor, cond: torch.Tensor | None) -> DiagonalGaussian:
+        return self.encode(x) if cond is None else self.encode(x, cond)
+
+    def _decode(self, z: torch.Tensor, cond: torch.Tensor | None) -> BernoulliLikelihood | GaussianLikelihood:
+        return self.decode(z) if cond is None else self.decode(z, cond)
+
+    def _kl_per_dim(self, posterior: DiagonalGaussian, cond: torch.Tensor | None) -> torch.Tensor:
+        """KL(q(z|x) || p(z)) per example and dimension, (B, D); a subclass with another prior overrides it."""
+        return posterior.kl()
+
+    def _elbo_output(self, x: torch.Tensor, cond: torch.Tensor | None, control: KLControl) -> VAEOutput:
+        """One reparameterized sample per example; loss = recon + kl_term(KL per dim, control)."""
+        posterior = self._encode(x, cond)
         z = posterior.rsample()
-        recon_pe = -self.decode(z).log_prob(x)  # (B,)
-        kl_pd = posterior.kl()  # (B, D)
+        recon_pe = -self._decode(z, cond).log_prob(x)  # (B,)
+        kl_pd = self._kl_per_dim(posterior, cond)  # (B, D)
         kl_pe = kl_pd.sum(1)
         recon, kl, kl_dim = recon_pe.mean(), kl_pe.mean(), kl_pd.mean(0)
-        control = kl_control or KLControl(weight=self.config.beta if beta is None else beta)
         term, kl_used = kl_term(kl_dim, control)
         return VAEOutput(
             loss=recon + term, recon=recon, kl=kl, kl_per_dim=kl_dim, kl_used=kl_used,
             recon_per_example=recon_pe, kl_per_example=kl_pe, z=z, posterior=posterior,
+        )
+
+    def _iwae_output(self, x: torch.Tensor, cond: torch.Tensor | None, beta: float | None,
+                     kl_control: KLControl | None) -> VAEOutput:
+        """loss = -L_k (batch mean); recon and kl are logged alongside (recon averaged over the k samples)."""
+        if (beta is not None and beta != 1.0) or (kl_control is not None and kl_control != KLControl()):
+            raise InputError(f"objective 'iwae' takes no KL weight, schedule or free bits; got beta={beta!r}, "
+                             f"kl_control={kl_control!r}")
+        t = importance_terms(self, x, self.config.iwae_k, cond)
+        bound = iwae_bound(t.log_w)  # (B,)
+        recon_pe = -t.log_px_z.mean(0)  # (B,)
+        kl_pd = self._kl_per_dim(t.posterior, cond)  # (B, D), closed form, for logging
+        kl_pe = kl_pd.sum(1)
+        kl = kl_pe.mean()
+        return VAEOutput(
+            loss=-bound.mean(), recon=recon_pe.mean(), kl=kl, kl_per_dim=kl_pd.mean(0), kl_used=kl,
+            recon_per_example=recon_pe, kl_per_example=kl_pe, z=t.z[0], posterior=t.posterior,
+            iwae=bound.mean(),
         )
 
     # -- generation ------------------------------------------------------------------------------

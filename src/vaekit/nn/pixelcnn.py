@@ -88,17 +88,19 @@ class PixelCNNDecoder(nn.Module):
 
     def __init__(self, latent_dim: int, image_shape: tuple[int, int, int], channels: int = 32, layers: int = 5,
                  kernel: int = 3, first_kernel: int = 7, dilation_cycle: int = 1, full_context: int = 0,
-                 full_context_layers: int = 1, conditioning: str = "spatial"):
+                 full_context_layers: int = 1, cond_grid: int = 0):
         super().__init__()
         C, H, W = image_shape
-        if conditioning not in ("spatial", "global"):
-            raise ConfigError(f"conditioning must be 'spatial' or 'global', got {conditioning!r}")
-        self.image_shape, self.channels, self.conditioning = (C, H, W), channels, conditioning
+        grid = cond_grid or H
+        if H != W or H % grid:
+            raise ConfigError(f"cond_grid must divide the (square) image size {H}x{W}, got {cond_grid}")
+        self.image_shape, self.channels, self.grid = (C, H, W), channels, grid
         # dilations 1, 2, 4, ... repeating every `dilation_cycle` layers widen the context cheaply
         dilations = [2 ** (i % dilation_cycle) for i in range(layers)]
-        # spatial: z sets a bias for every channel at every position; global: one bias per
-        # channel, the same everywhere (the conditional PixelCNN of van den Oord et al. 2016)
-        self.cond = nn.Linear(latent_dim, channels * H * W if conditioning == "spatial" else channels)
+        # z sets a bias for every channel on a grid x grid map, repeated over blocks of pixels:
+        # grid = H is one bias per position, grid = 1 one per channel, the same everywhere (the
+        # conditional PixelCNN of van den Oord et al. 2016). A coarser grid is a weaker path for z.
+        self.cond = nn.Linear(latent_dim, channels * grid * grid)
         self.first = MaskedConv2d("A", C, channels, first_kernel)
         self.layers = nn.ModuleList(MaskedConv2d("B", channels, channels, kernel, d) for d in dilations)
         self.cond_proj = nn.ModuleList(nn.Conv2d(channels, channels, 1) for _ in range(layers))
@@ -115,9 +117,15 @@ class PixelCNNDecoder(nn.Module):
 
     def condition(self, z: torch.Tensor) -> torch.Tensor:
         """z (N, D) -> conditioning map (N, channels, H, W)."""
-        if self.conditioning == "global":
-            return self.cond(z)[:, :, None, None].expand(-1, -1, *self.image_shape[1:])
-        return self.cond(z).view(-1, self.channels, *self.image_shape[1:])
+        H, W = self.image_shape[1:]
+        g = self.grid
+        m = self.cond(z).view(-1, self.channels, g, g)
+        if g == H:
+            return m
+        if g == 1:
+            return m.expand(-1, -1, H, W)
+        b = H // g
+        return m.repeat_interleave(b, dim=2).repeat_interleave(b, dim=3)
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         """x (N, C, H, W) in [0, 1], cond (N, channels, H', W) (H' = H or a row crop) -> logits."""
