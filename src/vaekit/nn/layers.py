@@ -15,9 +15,24 @@ from torch import nn
 
 from vaekit.errors import ConfigError
 
+
+class Tanh(nn.Module):
+    """tanh, evaluated on CPU as 2 * sigmoid(2x) - 1 (same function, max abs difference ~2e-7).
+
+    PyTorch's CPU tanh kernel is slow: 2.7 ns per element against 0.7 ns for this form on this
+    project's machine, which made tanh 13% of the importance-sampled NLL of the Burda MLP. On
+    other devices the native kernel is used (one kernel launch instead of three).
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "cpu":
+            return torch.tanh(x)
+        return torch.sigmoid(2.0 * x).mul(2.0).sub(1.0)
+
+
 ACTIVATIONS: dict[str, type[nn.Module]] = {
     "relu": nn.ReLU,
-    "tanh": nn.Tanh,
+    "tanh": Tanh,
     "elu": nn.ELU,
     "gelu": nn.GELU,
     "silu": nn.SiLU,
