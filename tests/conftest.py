@@ -22,3 +22,17 @@ def mnist_small(mnist):
     from vaekit.data import ImageDataset
 
     return ImageDataset("mnist", mnist.train.subset(2000), mnist.test.subset(500), mnist.classes, mnist.provenance)
+
+
+@pytest.fixture
+def one_thread():
+    """Small networks: one thread avoids OpenMP spin-waits on a busy 2-core machine.
+
+    Modules opt in with ``pytestmark = pytest.mark.usefixtures("one_thread")``.
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

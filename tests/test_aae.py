@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from helpers import rand_images
 
 from vaekit.errors import ConfigError, InputError
 from vaekit.models import AAE, AAEConfig
@@ -11,18 +12,11 @@ from vaekit.models.aae import mixture_means, sample_diversity
 from vaekit.objectives.mmd import median_bandwidth, mmd_rbf
 from vaekit.training import TrainConfig
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny networks: one thread avoids OpenMP spin-waits on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _x(n=8):
-    return torch.rand(n, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    return rand_images(n)
 
 
 def _model(**kw):

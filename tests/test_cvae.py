@@ -5,23 +5,17 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import rand_images
 
 from vaekit.errors import ConfigError, InputError
 from vaekit.models import CVAE, CVAEConfig
 from vaekit.objectives.kl import kl_normal
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small networks: one thread avoids OpenMP spin-waits on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _x(n=6):
-    return torch.rand(n, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    return rand_images(n)
 
 
 def _model(**kw):

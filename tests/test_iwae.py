@@ -6,24 +6,18 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import rand_images
 
 from vaekit.errors import ConfigError, InputError
 from vaekit.models import CVAE, VAE, CVAEConfig, VAEConfig
 from vaekit.objectives.iwae import importance_terms, iwae_bound, log_importance_weights
 from vaekit.objectives.kl_control import KLControl
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small networks: one thread avoids OpenMP spin-waits on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _x(n=6):
-    return torch.rand(n, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    return rand_images(n)
 
 
 def test_iwae_bound_is_the_log_mean_exp_of_the_weights():

@@ -4,6 +4,7 @@ import warnings
 
 import pytest
 import torch
+from helpers import rand_images
 
 from vaekit.data import ImageDataset, ImageSplit
 from vaekit.errors import InputError, ModelFormatError
@@ -53,13 +54,7 @@ GAUSSIAN_FAMILIES = ("vae", "tcvae")  # unconditional q(z|x) = DiagonalGaussian 
 ONE_PER_FAMILY = sorted({c.family: name for name, c in reversed(VARIANTS.items())}.values())
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small networks: one thread avoids OpenMP spin-waits on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_every_registered_family_has_a_variant():
@@ -73,7 +68,7 @@ def model(request):
 
 
 def _x(n=5):
-    return torch.rand(n, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    return rand_images(n)
 
 
 def _y(model, n=5):

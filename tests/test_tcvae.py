@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from helpers import rand_images
 
 from vaekit.errors import ConfigError, InputError
 from vaekit.models import TCVAE, TCVAEConfig
@@ -16,14 +17,7 @@ from vaekit.objectives.tc import (
     tc_decomposition,
 )
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small networks: one thread avoids OpenMP spin-waits on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _posteriors(M, D, seed=0, spread=1.0):
@@ -184,7 +178,7 @@ def test_estimator_input_errors():
 
 # -- the model ---------------------------------------------------------------------------------------
 def _x(n=6):
-    return torch.rand(n, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    return rand_images(n)
 
 
 @pytest.mark.parametrize("estimator", ["mws", "mss"])

@@ -6,6 +6,7 @@ import warnings
 import pytest
 import torch
 import torch.multiprocessing as mp
+from helpers import rand_images
 
 from vaekit.data import ImageSplit
 from vaekit.errors import ConfigError, InputError
@@ -18,17 +19,11 @@ SMALL = {"hidden_channels": 16, "residual_channels": 8, "codebook_size": 16, "co
          "prior_layers": 1, "prior_heads": 2}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small networks: one thread avoids OpenMP spin-waits on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _x(n=4):
-    return torch.rand(n, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    return rand_images(n)
 
 
 def test_nearest_code_matches_a_loop():

@@ -52,6 +52,6 @@ def print_table(rows: list[tuple[str, Any]], title: str | None = None) -> None:
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
-    from vaekit.data.idx import atomic_write_bytes
+    from vaekit.atomic import atomic_write_bytes
 
     atomic_write_bytes(path, (json.dumps(data, indent=2) + "\n").encode())

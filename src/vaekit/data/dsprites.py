@@ -53,8 +53,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from vaekit.atomic import atomic_write_bytes
 from vaekit.data.dataset import ImageDataset, ImageSplit
-from vaekit.data.idx import atomic_write_bytes, md5_file
+from vaekit.data.idx import md5_file
 from vaekit.data.sources import default_cache_dir
 from vaekit.errors import DataError, InputError, describe
 

@@ -20,7 +20,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from vaekit.data.idx import atomic_write_bytes, md5_bytes, md5_file
+from vaekit.atomic import atomic_write_bytes
+from vaekit.data.idx import md5_bytes, md5_file
 from vaekit.errors import ChecksumError, ConfigError, DataError
 
 SOURCE_NAMES = ("local", "cache", "npm", "http")

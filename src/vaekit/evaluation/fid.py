@@ -19,8 +19,6 @@ import hashlib
 import json
 import math
 import os
-import shutil
-import tempfile
 import time
 import warnings
 from collections.abc import Iterable
@@ -35,6 +33,7 @@ from safetensors.torch import load_file, save_file
 from scipy import linalg
 from torch import nn
 
+from vaekit.atomic import atomic_folder
 from vaekit.data.dataset import ImageSplit, mix_seed, to_unit_float
 from vaekit.data.sources import default_cache_dir
 from vaekit.errors import ConfigError, InputError, ModelFormatError, describe
@@ -166,27 +165,12 @@ def _check_dataset(dataset: Any) -> str:
 def save_extractor(extractor: FeatureExtractor, path: str | os.PathLike, metrics: dict[str, Any]) -> Path:
     """Write the artifact folder atomically: config.json, model.safetensors, metrics.json."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
-    try:
+    with atomic_folder(path) as tmp:
         cfg = {"format": EXTRACTOR_FORMAT, "format_version": EXTRACTOR_VERSION, "config": asdict(extractor.config)}
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
         state = {k: v.detach().cpu().contiguous() for k, v in extractor.state_dict().items()}
         save_file(state, str(tmp / "model.safetensors"))
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-        os.chmod(tmp, 0o755)
-        old = None
-        if path.exists():
-            old = path.with_name(f".{path.name}.old")
-            if old.exists():
-                shutil.rmtree(old)
-            path.rename(old)
-        tmp.rename(path)
-        if old is not None:
-            shutil.rmtree(old)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path
 
 

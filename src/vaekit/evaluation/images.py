@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from vaekit.data.idx import atomic_write_bytes
+from vaekit.atomic import atomic_write_bytes
 from vaekit.errors import InputError
 
 

@@ -28,8 +28,8 @@ from typing import Any
 
 import torch
 
+from vaekit.atomic import atomic_write_bytes
 from vaekit.data.dataset import ImageDataset, eval_loader
-from vaekit.data.idx import atomic_write_bytes
 from vaekit.errors import ConfigError, InputError, ModelFormatError, describe
 from vaekit.evaluation.elbo import evaluate_elbo
 from vaekit.evaluation.images import save_grid

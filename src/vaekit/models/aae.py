@@ -240,15 +240,7 @@ class AAE(BaseModel):
         """p(x|z) for z (..., D); extra leading dims of z are kept."""
         lead = z.shape[:-1]
         out = self.decoder(z.reshape(-1, z.shape[-1])).view(*lead, *self.config.input_shape)
-        if self.config.likelihood == "bernoulli":
-            return BernoulliLikelihood(out)
-        return GaussianLikelihood(out, self.log_sigma)
-
-    def check_targets(self, x: torch.Tensor) -> None:
-        if self.config.likelihood == "bernoulli":
-            lo, hi = torch.aminmax(x.detach())
-            if lo < 0 or hi > 1:
-                raise InputError(f"x must lie in [0, 1] for a Bernoulli likelihood, got values in [{lo:.4g}, {hi:.4g}]")
+        return self.likelihood_from(out)
 
     def _disc_terms(self, z_fake: torch.Tensor, z_real: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(discriminator BCE loss, accuracy) on prior samples (label 1) and codes (label 0)."""

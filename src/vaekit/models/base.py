@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,8 +19,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from vaekit.atomic import atomic_folder
 from vaekit.config import from_dict, to_dict
 from vaekit.errors import ConfigError, InputError, ModelFormatError, describe
+from vaekit.nn.distributions import BernoulliLikelihood, GaussianLikelihood
 
 FORMAT = "vaekit-model"
 FORMAT_VERSION = 1
@@ -137,6 +137,23 @@ class BaseModel(nn.Module, ABC):
             raise InputError(f"{name} must hold at least one example, got batch size 0")
         return x
 
+    def check_targets(self, x: torch.Tensor) -> None:
+        """Raise InputError unless x lies in [0, 1] where the likelihood is Bernoulli (one pass over x).
+
+        Families without a ``likelihood`` config field are Bernoulli.
+        """
+        if getattr(self.config, "likelihood", "bernoulli") == "bernoulli":
+            lo, hi = torch.aminmax(x.detach())
+            if lo < 0 or hi > 1:
+                raise InputError(f"x must lie in [0, 1] for a Bernoulli likelihood, got values in [{lo:.4g}, {hi:.4g}]")
+
+    def likelihood_from(self, out: torch.Tensor) -> BernoulliLikelihood | GaussianLikelihood:
+        """p(x|z) from the decoder's output (..., C, H, W): logits for a Bernoulli likelihood, the mean
+        for a Gaussian one (with the family's ``log_sigma``)."""
+        if self.config.likelihood == "bernoulli":
+            return BernoulliLikelihood(out)
+        return GaussianLikelihood(out, self.log_sigma)
+
     @staticmethod
     def check_count(n: Any, name: str = "n") -> int:
         if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
@@ -148,9 +165,7 @@ class BaseModel(nn.Module, ABC):
              metrics: dict[str, Any] | None = None) -> Path:
         """Write the model folder atomically (a half-written folder never replaces a good one)."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
-        try:
+        with atomic_folder(path) as tmp:
             doc = {"format": FORMAT, "format_version": FORMAT_VERSION, "family": self.family,
                    "config": to_dict(self.config), "metadata": metadata or {}}
             (tmp / "config.json").write_text(json.dumps(doc, indent=2) + "\n")
@@ -158,19 +173,6 @@ class BaseModel(nn.Module, ABC):
             save_file(state, str(tmp / "model.safetensors"), metadata={"family": self.family})
             if metrics is not None:
                 (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-            os.chmod(tmp, 0o755)
-            old = None
-            if path.exists():
-                old = path.with_name(f".{path.name}.old")
-                if old.exists():
-                    shutil.rmtree(old)
-                path.rename(old)
-            tmp.rename(path)
-            if old is not None:
-                shutil.rmtree(old)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return path
 
 

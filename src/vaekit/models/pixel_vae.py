@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vaekit.errors import ConfigError, InputError, check_choice, check_positive
+from vaekit.errors import ConfigError, check_choice, check_positive
 from vaekit.models.base import BaseModel, register_model
 from vaekit.models.vae import VAEOutput
 from vaekit.nn.distributions import DiagonalGaussian
@@ -233,11 +233,6 @@ class PixelVAE(BaseModel):
                     probs[:, 0, r, col] = p
         sample = canvas[:, :, pad : pad + H, pad : pad + W].clone()
         return sample.view(*lead, 1, H, W), probs.view(*lead, 1, H, W)
-
-    def check_targets(self, x: torch.Tensor) -> None:
-        lo, hi = torch.aminmax(x.detach())
-        if lo < 0 or hi > 1:
-            raise InputError(f"x must lie in [0, 1] for a Bernoulli likelihood, got values in [{lo:.4g}, {hi:.4g}]")
 
     def forward(
         self,

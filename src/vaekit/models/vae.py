@@ -164,15 +164,7 @@ class VAE(BaseModel):
         lead = z.shape[:-1]
         out = self.decoder(z.reshape(-1, z.shape[-1]))
         out = out.view(*lead, *self.config.input_shape)
-        if self.config.likelihood == "bernoulli":
-            return BernoulliLikelihood(out)
-        return GaussianLikelihood(out, self.log_sigma)
-
-    def check_targets(self, x: torch.Tensor) -> None:
-        if self.config.likelihood == "bernoulli":
-            lo, hi = torch.aminmax(x.detach())
-            if lo < 0 or hi > 1:
-                raise InputError(f"x must lie in [0, 1] for a Bernoulli likelihood, got values in [{lo:.4g}, {hi:.4g}]")
+        return self.likelihood_from(out)
 
     def forward(
         self,

@@ -214,15 +214,7 @@ class VQVAE(BaseModel):
             raise InputError(f"quantized vectors must have shape (B, {self.config.code_dim}, {h}, {w}), "
                              f"got {tuple(codes.shape)}")
         out = self.decoder(codes)
-        if self.config.likelihood == "bernoulli":
-            return BernoulliLikelihood(out)
-        return GaussianLikelihood(out, self.log_sigma)
-
-    def check_targets(self, x: torch.Tensor) -> None:
-        if self.config.likelihood == "bernoulli":
-            lo, hi = torch.aminmax(x.detach())
-            if lo < 0 or hi > 1:
-                raise InputError(f"x must lie in [0, 1] for a Bernoulli likelihood, got values in [{lo:.4g}, {hi:.4g}]")
+        return self.likelihood_from(out)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None, *, check: bool = True) -> VQVAEOutput:
         """Loss of a batch x (B, C, H, W); in training mode the codebook state is updated. ``y`` is ignored."""

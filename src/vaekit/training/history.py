@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from vaekit.data.idx import atomic_write_bytes
+from vaekit.atomic import atomic_write_bytes
 from vaekit.errors import InputError
 
 INDEX = "index.json"

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from vaekit.data.idx import atomic_write_bytes
+from vaekit.atomic import atomic_write_bytes
 
 
 def _clean(value: Any) -> Any:

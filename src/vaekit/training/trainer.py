@@ -176,7 +176,7 @@ class Trainer:
                 raise CheckpointError(
                     f"{self.run_dir} holds a run with a different model config; choose another name "
                     f"(--set name=...) or start afresh (--no-resume)")
-        from vaekit.data.idx import atomic_write_bytes  # local import: keeps the module graph flat
+        from vaekit.atomic import atomic_write_bytes  # local import: keeps the module graph flat
 
         atomic_write_bytes(path, (json.dumps(new, indent=2) + "\n").encode())
         import yaml
