@@ -10,6 +10,7 @@ is trained in several arms with the same step budget:
   e  decoder-input dropout
   f  as (a), with monitor.on_collapse=recover (reload from before the onset, free bits on)
   g  capacity annealing (Burgess et al. 2018), C rising to --capacity nats over the budget
+  h  total-KL floor max(KL, --kl-floor nats): free bits on the whole code instead of per dimension
 
 For each arm: final test KL, active units and MI on held-out data, the test -ELBO (an NLL
 proxy, one posterior sample), and whether and when the collapse detector fired. The monitor
@@ -23,6 +24,7 @@ reported per arm.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 import time
@@ -31,7 +33,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import print_table, write_results  # noqa: E402
+from common import RESULTS, print_table, write_results  # noqa: E402
 
 from vaekit import VAE, DataConfig, TrainConfig, Trainer, VAEConfig, load_dataset, read_metrics  # noqa: E402
 from vaekit.training.monitors import MonitorConfig  # noqa: E402
@@ -45,6 +47,7 @@ ARMS = {
     "e": ("decoder-input dropout", {}, {}, {}),
     "f": ("recover (free bits on)", {}, {}, {"on_collapse": "recover", "recover_action": "free_bits"}),
     "g": ("capacity annealing", {"schedule": "capacity"}, {}, {}),
+    "h": ("total-KL floor", {"kl_floor": None}, {}, {}),
 }
 
 
@@ -63,6 +66,9 @@ def run_arm(key: str, args, data, root: Path) -> dict:
     if kl_kw.get("schedule") == "capacity":
         kl_kw = {"schedule": "capacity", "capacity_max": args.capacity, "capacity_steps": args.steps,
                  "capacity_gamma": args.gamma}
+    if "kl_floor" in kl_kw:
+        kl_kw = {"kl_floor": args.kl_floor}
+        label = f"{label} {args.kl_floor:g} nats"
     if key == "e":
         model_kw = {"decoder_dropout": args.dropout}
         label = f"{label} p={args.dropout}"
@@ -115,6 +121,7 @@ def main() -> None:
     ap.add_argument("--warmup-fraction", type=float, default=1.0, help="arm b: warm-up length / budget")
     ap.add_argument("--capacity", type=float, default=10.0, help="arm g: C_max, nats")
     ap.add_argument("--gamma", type=float, default=100.0, help="arm g: capacity weight gamma")
+    ap.add_argument("--kl-floor", type=float, default=8.0, help="arm h: total-KL target, nats")
     ap.add_argument("--dropout", type=float, default=0.5, help="arm e: decoder-input dropout probability")
     ap.add_argument("--patience", type=int, default=100, help="KL alert: consecutive low steps")
     # the issue's definition of a collapsed run is KL < 0.5 nats and AU <= 1: the detector uses it
@@ -124,6 +131,8 @@ def main() -> None:
     ap.add_argument("--name", default="collapse", help="results file: bench/results/<name>.json")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per run (1 is fastest on a busy machine)")
     ap.add_argument("--out", default=None, help="keep the runs here (default: a temporary folder)")
+    ap.add_argument("--merge", action="store_true",
+                    help="keep the other arms of an existing results file made with the same settings")
     args = ap.parse_args()
     data = load_dataset("mnist")
     rows, results = [], []
@@ -139,7 +148,25 @@ def main() -> None:
                   f"-ELBO {r['test_neg_elbo']:.2f} fired={fired} ({r['wall_s']:.0f} s)", flush=True)
     print_table(["arm", "setting", "test KL", "AU", "MI", "test -ELBO", "detector", "recoveries", "time s",
                  "AU/MI checks"], rows)
+    if args.merge:
+        results = merge_arms(args, results)
     write_results(args.name, {"setup": vars(args), "arms": results})
+
+
+def merge_arms(args, results: list[dict]) -> list[dict]:
+    """The arms of bench/results/<name>.json not rerun here, plus these; refuses other settings."""
+    path = RESULTS / f"{args.name}.json"
+    if not path.is_file():
+        return results
+    old = json.loads(path.read_text())
+    ignore = {"arms", "name", "out", "merge", "threads"}
+    mine = {k: v for k, v in vars(args).items() if k not in ignore}
+    theirs = {k: v for k, v in old.get("setup", {}).items() if k not in ignore}
+    if mine != theirs:
+        diff = sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k))
+        raise SystemExit(f"--merge: {path} was made with other settings ({', '.join(diff)}); rerun every arm")
+    by_arm = {a["arm"]: a for a in old.get("arms", [])} | {a["arm"]: a for a in results}
+    return [by_arm[k] for k in sorted(by_arm)]
 
 
 if __name__ == "__main__":
