@@ -50,7 +50,7 @@ class EvalConfig:
     metrics: tuple[str, ...] = DEFAULT_METRICS  # parts to run, from METRICS ("all" expands to every part)
     k: int = 5000  # importance samples per example for the NLL
     nll_examples: int | None = None  # first N test examples for the NLL (None: the whole test split)
-    max_samples: int = 4096  # decoder evaluations per NLL chunk (cache-sized: larger chunks run slower on CPU)
+    max_samples: int = 1024  # decoder evaluations per NLL chunk (cache-sized: larger chunks run slower on CPU)
     fid_samples: int = 10000  # generated images for FID
     recon_examples: int | None = None  # first N test examples for MSE/SSIM (None: all)
     mig_histogram_images: int = 10000  # dSprites images for the histogram MIG
