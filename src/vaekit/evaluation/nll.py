@@ -83,7 +83,7 @@ def log_likelihood(
     time: examples are taken ``max(1, max_samples // k)`` at a time and their samples in chunks of
     ``max_samples // examples``. Memory is a few times ``max_samples`` decoder outputs (about 13 MB
     for 28x28 images at the default); on CPU, chunks whose logits fit in the cache run faster than
-    bigger ones (Burda MLP, 2 threads: 1024 takes 0.61x the time of 4096; ``python bench/nll_chunks.py``).
+    bigger ones (Burda MLP, 2 threads: 1024 takes 0.67x the time of 4096; ``python bench/nll_chunks.py``).
     The random stream is the caller's (seed it, or use :func:`nll`).
     ``y`` holds labels for conditional models.
     """
