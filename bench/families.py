@@ -305,13 +305,24 @@ def aae_figures(model, x: torch.Tensor, y: torch.Tensor, args, png_name: str = "
     ring = torch.zeros(n, codes.shape[1])
     ring[:, 0], ring[:, 1] = radius * torch.cos(angle), radius * torch.sin(angle)
     ring[:, 2:] = c.mixture_std * torch.randn(n, codes.shape[1] - 2, generator=g)
+    # near misses, to calibrate "close": the prior's mixture with components twice as wide, and
+    # with half the components twice as likely as the others (weights 2:1)
+    means = model.mixture_means.cpu()
+    k = means.shape[0]
+    wide = means[torch.randint(0, k, (n,), generator=g)]
+    wide = wide + 2 * c.mixture_std * torch.randn(n, means.shape[1], generator=g)
+    w = torch.ones(k)
+    w[: k // 2] = 2.0
+    uneven = means[torch.multinomial(w, n, replacement=True, generator=g)]
+    uneven = uneven + c.mixture_std * torch.randn(n, means.shape[1], generator=g)
     r: dict[str, Any] = {"mmd_points": n}
     bw = median_bandwidth(codes[:n], prior)
     # two kernels: widths at the scale of one mixture component and up (resolve the modes), and the
     # median heuristic (the usual default, blind to structure finer than the ring)
     for tag, bws in (("", (0.25, 0.5, 1.0, 2.0, 4.0)), ("_median", (0.5 * bw, bw, 2 * bw))):
         r[f"mmd{tag}_bandwidths"] = list(bws)
-        for ref, pts in (("codes", codes[:n]), ("prior", prior2), ("ring", ring), ("gaussian", gauss)):
+        for ref, pts in (("codes", codes[:n]), ("prior", prior2), ("wide_modes", wide), ("uneven_weights", uneven),
+                         ("ring", ring), ("gaussian", gauss)):
             r[f"mmd{tag}_{ref}_vs_prior"] = mmd_rbf(pts, prior, bws)
     try:
         import matplotlib
@@ -506,10 +517,13 @@ def report(results: dict[str, Any]) -> None:
         a = results["aae"]
         print(f"\nAAE, 2-D code, 10-component mixture prior, {a['budget_s']:.0f} s ({a['steps']} steps): MMD^2 to "
               f"prior samples ({a['mmd_points']} points; kernel widths {a['mmd_bandwidths']})")
-        print_table(["sample", "MMD^2 vs prior"], [["encoded test images", a["mmd_codes_vs_prior"]],
-                                                  ["independent prior draws (floor)", a["mmd_prior_vs_prior"]],
-                                                  ["ring of the prior's radius, no modes", a["mmd_ring_vs_prior"]],
-                                                  ["Gaussian with the prior's spread", a["mmd_gaussian_vs_prior"]]])
+        print_table(["sample", "MMD^2 vs prior"], [
+            ["encoded test images", a["mmd_codes_vs_prior"]],
+            ["independent prior draws (floor)", a["mmd_prior_vs_prior"]],
+            ["the mixture, components 2x wider", a.get("mmd_wide_modes_vs_prior")],
+            ["the mixture, weights 2:1", a.get("mmd_uneven_weights_vs_prior")],
+            ["ring of the prior's radius, no modes", a["mmd_ring_vs_prior"]],
+            ["Gaussian with the prior's spread", a["mmd_gaussian_vs_prior"]]])
         print(f"scatter plot: {a['scatter_png']}")
     if "nll" in results:
         n = results["nll"]
