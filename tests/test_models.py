@@ -7,7 +7,7 @@ import torch
 from helpers import rand_images
 
 from vaekit.data import ImageDataset, ImageSplit
-from vaekit.errors import InputError, ModelFormatError
+from vaekit.errors import ConfigError, InputError, ModelFormatError
 from vaekit.models import (
     MODEL_REGISTRY,
     VAE,
@@ -227,3 +227,12 @@ def test_batched_equals_per_example():
     batched = m.decode(z).log_prob(x)
     single = torch.stack([m.decode(z[i : i + 1]).log_prob(x[i : i + 1])[0] for i in range(4)])
     assert torch.allclose(batched, single, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", sorted(MODEL_REGISTRY))
+def test_each_family_builds_its_default_and_rejects_another_config_type(family):
+    cls = MODEL_REGISTRY[family]
+    assert isinstance(cls.resolve_config(None), cls.config_class)
+    other = next(c for f, c in MODEL_REGISTRY.items() if c.config_class is not cls.config_class)
+    with pytest.raises(ConfigError, match=f"{cls.__name__} needs a config of type {cls.config_class.__name__}"):
+        cls(other.config_class())

@@ -54,7 +54,8 @@ class AAEConfig:
     mixture_std: float = 0.5  # mixture prior: std of each component (every dimension)
     disc_hidden: tuple[int, ...] = (256, 256)  # discriminator MLP widths
     disc_steps: int = 1  # discriminator updates per training step (fresh prior samples each)
-    ae_lr: float = 2e-4  # Adam learning rate of the autoencoder and the generator phase
+    ae_lr: float = 2e-4  # Adam learning rate of the autoencoder (reconstruction phase)
+    gen_lr: float | None = None  # Adam learning rate of the encoder in the generator phase (None: ae_lr)
     disc_lr: float = 1e-4  # Adam learning rate of the discriminator
     adam_betas: tuple[float, float] = (0.5, 0.999)  # Adam moment decay rates of all three optimizers
     diversity_samples: int = 16  # prior samples decoded each step for the sample-diversity monitor
@@ -84,6 +85,8 @@ class AAEConfig:
         check_positive("model.disc_steps", self.disc_steps, integer=True)
         check_positive("model.ae_lr", self.ae_lr)
         check_positive("model.disc_lr", self.disc_lr)
+        if self.gen_lr is not None:
+            check_positive("model.gen_lr", self.gen_lr)
         if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):
             raise ConfigError(f"model.adam_betas must be two numbers in [0, 1), got {self.adam_betas!r}")
         check_positive("model.diversity_samples", self.diversity_samples, integer=True)
@@ -157,9 +160,7 @@ class AAE(BaseModel):
     custom_train_step = True
 
     def __init__(self, config: AAEConfig | None = None):
-        config = config or AAEConfig()
-        if not isinstance(config, AAEConfig):
-            raise ConfigError(f"AAE needs an AAEConfig, got {type(config).__name__}")
+        config = self.resolve_config(config)
         super().__init__(config)
         c = config
         if c.architecture == "mlp":
@@ -194,7 +195,8 @@ class AAE(BaseModel):
         betas = tuple(c.adam_betas)
         return {
             "autoencoder": torch.optim.Adam(self.autoencoder_parameters(), lr=c.ae_lr, betas=betas),
-            "generator": torch.optim.Adam(self.encoder_parameters(), lr=c.ae_lr, betas=betas),
+            "generator": torch.optim.Adam(self.encoder_parameters(), lr=c.ae_lr if c.gen_lr is None else c.gen_lr,
+                                          betas=betas),
             "discriminator": torch.optim.Adam(self.discriminator.parameters(), lr=c.disc_lr, betas=betas),
         }
 

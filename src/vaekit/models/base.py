@@ -83,9 +83,18 @@ class BaseModel(nn.Module, ABC):
     supports_kl_control: ClassVar[bool] = False
     custom_train_step: ClassVar[bool] = False
 
-    def __init__(self, config: Any):
+    def __init__(self, config: Any = None):
         super().__init__()
-        self.config = config
+        self.config = self.resolve_config(config)
+
+    @classmethod
+    def resolve_config(cls, config: Any = None) -> Any:
+        """``config``, or the family's default config when None; ConfigError for another config type."""
+        config = cls.config_class() if config is None else config
+        if not isinstance(config, cls.config_class):
+            raise ConfigError(f"{cls.__name__} needs a config of type {cls.config_class.__name__}, "
+                              f"got {type(config).__name__}")
+        return config
 
     # -- interface -------------------------------------------------------------------------------
     @abstractmethod

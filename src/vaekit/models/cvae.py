@@ -65,9 +65,7 @@ class CVAE(VAE):
     needs_labels = True
 
     def __init__(self, config: CVAEConfig | None = None):
-        config = config or CVAEConfig()
-        if not isinstance(config, CVAEConfig):
-            raise ConfigError(f"CVAE needs a CVAEConfig, got {type(config).__name__}")
+        config = self.resolve_config(config)
         super().__init__(config, cond_size=config.cond_size)
         if config.learned_prior:
             self.prior_net = mlp([config.cond_size, *config.prior_hidden, 2 * config.latent_dim],

@@ -162,9 +162,7 @@ class PixelVAE(BaseModel):
     supports_kl_control = True
 
     def __init__(self, config: PixelVAEConfig | None = None):
-        config = config or PixelVAEConfig()
-        if not isinstance(config, PixelVAEConfig):
-            raise ConfigError(f"PixelVAE needs a PixelVAEConfig, got {type(config).__name__}")
+        config = self.resolve_config(config)
         super().__init__(config)
         c = config
         _, H, W = c.input_shape

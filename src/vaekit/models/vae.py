@@ -114,10 +114,7 @@ class VAE(BaseModel):
 
     def __init__(self, config: VAEConfig | None = None, cond_size: int = 0):
         """``cond_size`` > 0 (subclasses) widens the encoder head and the decoder input for a condition."""
-        config = config or self.config_class()
-        if not isinstance(config, self.config_class):
-            want, got = self.config_class.__name__, type(config).__name__
-            raise ConfigError(f"{type(self).__name__} needs a {want}, got {got}")
+        config = self.resolve_config(config)
         super().__init__(config)
         c = config
         out_shape = c.input_shape

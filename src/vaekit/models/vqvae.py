@@ -157,9 +157,7 @@ class VQVAE(BaseModel):
     has_posterior = False  # no q(z|x) with a density: the importance-sampled NLL does not apply
 
     def __init__(self, config: VQVAEConfig | None = None):
-        config = config or VQVAEConfig()
-        if not isinstance(config, VQVAEConfig):
-            raise ConfigError(f"VQVAE needs a VQVAEConfig, got {type(config).__name__}")
+        config = self.resolve_config(config)
         super().__init__(config)
         c = config
         self.encoder = _encoder(c)
