@@ -38,7 +38,7 @@ def evaluate_elbo(
         for x, y in batches:
             cast = autocast_dtype is not None
             with torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16, enabled=cast):
-                out = model(x, y=y) if model.needs_labels else model(x)
+                out = model(x, y=y) if model.uses_labels else model(x)
             b = x.shape[0]
             for name, value in out.terms().items():
                 sums[name] = sums.get(name, 0.0) + value.detach().double() * b

@@ -59,6 +59,9 @@ class AAEConfig:
     disc_lr: float = 1e-4  # Adam learning rate of the discriminator
     adam_betas: tuple[float, float] = (0.5, 0.999)  # Adam moment decay rates of all three optimizers
     diversity_samples: int = 16  # prior samples decoded each step for the sample-diversity monitor
+    # Makhzani et al. Sec. 3: the discriminator also sees a one-hot label, the component of a prior
+    # sample and the class of a code, so class c is matched to mixture component c (needs labels)
+    label_guided: bool = False
 
     def __post_init__(self) -> None:
         if len(self.input_shape) != 3 or any(not isinstance(s, int) or s <= 0 for s in self.input_shape):
@@ -90,6 +93,9 @@ class AAEConfig:
         if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):
             raise ConfigError(f"model.adam_betas must be two numbers in [0, 1), got {self.adam_betas!r}")
         check_positive("model.diversity_samples", self.diversity_samples, integer=True)
+        if self.label_guided and self.prior != "mixture":
+            raise ConfigError(f"model.label_guided needs model.prior 'mixture' (one component per class), "
+                              f"got prior {self.prior!r}")
         if self.diversity_samples < 2:
             raise ConfigError(f"model.diversity_samples must be >= 2, got {self.diversity_samples}")
 
@@ -172,7 +178,8 @@ class AAE(BaseModel):
         self.to_mean = nn.Linear(self.encoder.out_features, c.latent_dim)
         if c.encoder == "gaussian":
             self.to_logvar = nn.Linear(self.encoder.out_features, c.latent_dim)
-        self.discriminator = nn.Sequential(mlp([c.latent_dim, *c.disc_hidden], "leaky_relu", final_act=True),
+        disc_in = c.latent_dim + (c.mixture_components if c.label_guided else 0)
+        self.discriminator = nn.Sequential(mlp([disc_in, *c.disc_hidden], "leaky_relu", final_act=True),
                                            nn.Linear(c.disc_hidden[-1], 1))
         if c.likelihood == "gaussian":
             self.register_buffer("log_sigma", torch.full(c.input_shape, math.log(c.gaussian_sigma)))
@@ -228,7 +235,7 @@ class AAE(BaseModel):
                 got = tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__
                 raise InputError(f"the prior sampler must return a tensor ({n}, {D}), got {got}")
         z = z.to(self.device, torch.float32)
-        return (z, comp) if return_components else z
+        return (z, comp.to(self.device) if comp is not None else None) if return_components else z
 
     # -- pieces -----------------------------------------------------------------------------------
     def encode(self, x: torch.Tensor) -> PointMass | DiagonalGaussian:
@@ -244,16 +251,38 @@ class AAE(BaseModel):
         out = self.decoder(z.reshape(-1, z.shape[-1])).view(*lead, *self.config.input_shape)
         return self.likelihood_from(out)
 
-    def _disc_terms(self, z_fake: torch.Tensor, z_real: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    @property
+    def uses_labels(self) -> bool:  # type: ignore[override]
+        return self.config.label_guided
+
+    def check_labels(self, y: Any, n: int) -> torch.Tensor:
+        """Class labels (n,) in [0, mixture_components) for the label-guided regularization."""
+        k = self.config.mixture_components
+        if not isinstance(y, torch.Tensor) or y.shape != (n,) or y.dtype not in (torch.int64, torch.int32, torch.uint8):
+            got = f"{tuple(y.shape)} {y.dtype}" if isinstance(y, torch.Tensor) else type(y).__name__
+            raise InputError(f"a label-guided AAE needs integer class labels y of shape ({n},), got {got}")
+        if n and (int(y.min()) < 0 or int(y.max()) >= k):
+            raise InputError(f"labels must lie in [0, {k}) (one mixture component per class), "
+                             f"got values in [{int(y.min())}, {int(y.max())}]")
+        return y.long().to(self.device)
+
+    def _critic(self, z: torch.Tensor, label: torch.Tensor | None) -> torch.Tensor:
+        """Discriminator logits (B,) for codes z (B, D); ``label`` (B,) is appended one-hot when label-guided."""
+        if self.config.label_guided:
+            z = torch.cat([z, F.one_hot(label, self.config.mixture_components).to(z.dtype)], dim=1)
+        return self.discriminator(z).squeeze(1)
+
+    def _disc_terms(self, z_fake: torch.Tensor, z_real: torch.Tensor, y_fake: torch.Tensor | None = None,
+                    y_real: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(discriminator BCE loss, accuracy) on prior samples (label 1) and codes (label 0)."""
-        real, fake = self.discriminator(z_real).squeeze(1), self.discriminator(z_fake).squeeze(1)
+        real, fake = self._critic(z_real, y_real), self._critic(z_fake, y_fake)
         loss = (F.binary_cross_entropy_with_logits(real, torch.ones_like(real))
                 + F.binary_cross_entropy_with_logits(fake, torch.zeros_like(fake)))
         acc = 0.5 * ((real > 0).float().mean() + (fake < 0).float().mean())
         return loss, acc.detach()
 
-    def _gen_loss(self, z: torch.Tensor) -> torch.Tensor:
-        logit = self.discriminator(z).squeeze(1)
+    def _gen_loss(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        logit = self._critic(z, y)
         return F.binary_cross_entropy_with_logits(logit, torch.ones_like(logit))
 
     @torch.no_grad()
@@ -263,7 +292,8 @@ class AAE(BaseModel):
         return au, sample_diversity(imgs)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None, *, check: bool = True) -> AAEOutput:
-        """Every term at the current weights, without updating anything. ``y`` is ignored.
+        """Every term at the current weights, without updating anything. ``y`` (class labels) is
+        used by a label-guided AAE only, and required there.
 
         ``loss`` = recon + gen_loss is the autoencoder's objective; the
         discriminator's own objective is ``disc_loss``. Training uses :meth:`train_step`.
@@ -271,10 +301,12 @@ class AAE(BaseModel):
         self.check_input(x)
         if check:
             self.check_targets(x)
+        y = self.check_labels(y, x.shape[0]) if self.config.label_guided else None
         z = self.encode(x).rsample()
         recon_pe = -self.decode(z).log_prob(x)
-        d_loss, d_acc = self._disc_terms(z.detach(), self.sample_prior(x.shape[0]))
-        g_loss = self._gen_loss(z)
+        z_real, y_real = self.sample_prior(x.shape[0], return_components=True)
+        d_loss, d_acc = self._disc_terms(z.detach(), z_real, y, y_real)
+        g_loss = self._gen_loss(z, y)
         au, div = self._monitors(z)
         recon = recon_pe.mean()
         return AAEOutput(loss=recon + g_loss, recon=recon, disc_loss=d_loss,
@@ -290,6 +322,7 @@ class AAE(BaseModel):
         self.check_input(x)
         if forward_kwargs.get("check", True):
             self.check_targets(x)
+        y = self.check_labels(y, x.shape[0]) if self.config.label_guided else None
         ae, gen, disc = optimizers["autoencoder"], optimizers["generator"], optimizers["discriminator"]
         # 1. reconstruction
         ae.zero_grad(set_to_none=True)
@@ -304,7 +337,8 @@ class AAE(BaseModel):
             z_fake = self.encode(x).rsample()
         for _ in range(self.config.disc_steps):
             disc.zero_grad(set_to_none=True)
-            d_loss, d_acc = self._disc_terms(z_fake, self.sample_prior(x.shape[0]))
+            z_real, y_real = self.sample_prior(x.shape[0], return_components=True)
+            d_loss, d_acc = self._disc_terms(z_fake, z_real, y, y_real)
             d_loss.backward()
             _sync_grads(list(self.discriminator.parameters()))
             disc.step()
@@ -313,7 +347,7 @@ class AAE(BaseModel):
         self.discriminator.requires_grad_(False)
         try:
             z = self.encode(x).rsample()
-            g_loss = self._gen_loss(z)
+            g_loss = self._gen_loss(z, y)
             g_loss.backward()
         finally:
             self.discriminator.requires_grad_(True)

@@ -122,6 +122,12 @@ class BaseModel(nn.Module, ABC):
         """
         raise NotImplementedError(f"{type(self).__name__} sets custom_train_step but has no train_step")
 
+    @property
+    def uses_labels(self) -> bool:
+        """True when ``forward(x, y=labels)`` makes use of labels given to it (always when ``needs_labels``;
+        a label-guided AAE uses them in its regularization terms only). Evaluation passes them then."""
+        return self.needs_labels
+
     def on_train_data(self, n_train: int) -> None:
         """Called with the number of training examples before training starts."""
 

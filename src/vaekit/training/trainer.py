@@ -412,7 +412,7 @@ class Trainer:
         """Names of the logged loss terms, from a forward pass on two examples (RNG untouched)."""
         x, y = next(loader.epoch(0))
         devices = [self.device] if self.device.type == "cuda" else []
-        kwargs = {"y": y[:2]} if model.needs_labels else {}
+        kwargs = {"y": y[:2]} if model.uses_labels else {}
         with torch.no_grad(), torch.random.fork_rng(devices=devices):
             was = model.training
             model.eval()  # eval mode: no running statistics (EMA codebooks, batch norm) are updated
@@ -428,7 +428,7 @@ class Trainer:
     def forward_kwargs(self, y: torch.Tensor) -> dict[str, Any]:
         """Keyword arguments of this step's forward call."""
         kwargs: dict[str, Any] = {"check": self._check_inputs}
-        if self.model.needs_labels:
+        if self.model.uses_labels:
             kwargs["y"] = y
         for cb in self.callbacks:
             kwargs.update(cb.forward_kwargs(self))
