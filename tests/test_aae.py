@@ -219,3 +219,21 @@ def test_trainer_passes_labels_to_a_label_guided_aae(tmp_path, mnist_small):
                       threads=1)
     res = Trainer(m, mnist_small, cfg, run_dir=tmp_path / "run").fit()
     assert res.steps == 5 and res.final_eval is not None and math.isfinite(res.final_eval["disc_loss"])
+
+
+def test_r1_penalty_matches_finite_differences():
+    m = _model(prior="mixture", disc_r1=2.0, diversity_samples=2).double()
+    g = torch.Generator().manual_seed(3)
+    z_real = torch.randn(16, 2, generator=g, dtype=torch.float64) * 3
+    z_fake = torch.randn(16, 2, generator=g, dtype=torch.float64)
+    plain, _ = m._disc_terms(z_fake, z_real)
+    with_r1, _ = m._disc_terms(z_fake, z_real, r1=2.0)
+    h, sq = 1e-5, torch.zeros(16, dtype=torch.float64)
+    with torch.no_grad():
+        for d in range(2):
+            e = torch.zeros(2, dtype=torch.float64)
+            e[d] = h
+            sq += ((m._critic(z_real + e, None) - m._critic(z_real - e, None)) / (2 * h)) ** 2
+    assert torch.allclose(with_r1 - plain, 0.5 * 2.0 * sq.mean(), rtol=1e-6)
+    with pytest.raises(ConfigError, match="disc_r1"):
+        AAEConfig(disc_r1=-1.0)

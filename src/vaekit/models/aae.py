@@ -54,6 +54,9 @@ class AAEConfig:
     mixture_std: float = 0.5  # mixture prior: std of each component (every dimension)
     disc_hidden: tuple[int, ...] = (256, 256)  # discriminator MLP widths
     disc_steps: int = 1  # discriminator updates per training step (fresh prior samples each)
+    # R1 penalty (Mescheder et al. 2018): disc_r1 / 2 * E_prior ||grad_z D(z)||^2 added to the
+    # discriminator's loss; damps the oscillation of the adversarial game (0 = off)
+    disc_r1: float = 0.0
     ae_lr: float = 2e-4  # Adam learning rate of the autoencoder (reconstruction phase)
     gen_lr: float | None = None  # Adam learning rate of the encoder in the generator phase (None: ae_lr)
     disc_lr: float = 1e-4  # Adam learning rate of the discriminator
@@ -86,6 +89,7 @@ class AAEConfig:
         if self.prior == "mixture" and self.latent_dim < 2:
             raise ConfigError(f"model.prior 'mixture' needs model.latent_dim >= 2, got {self.latent_dim}")
         check_positive("model.disc_steps", self.disc_steps, integer=True)
+        check_positive("model.disc_r1", self.disc_r1, allow_zero=True)
         check_positive("model.ae_lr", self.ae_lr)
         check_positive("model.disc_lr", self.disc_lr)
         if self.gen_lr is not None:
@@ -273,11 +277,17 @@ class AAE(BaseModel):
         return self.discriminator(z).squeeze(1)
 
     def _disc_terms(self, z_fake: torch.Tensor, z_real: torch.Tensor, y_fake: torch.Tensor | None = None,
-                    y_real: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(discriminator BCE loss, accuracy) on prior samples (label 1) and codes (label 0)."""
+                    y_real: torch.Tensor | None = None, r1: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """(discriminator BCE loss, accuracy) on prior samples (label 1) and codes (label 0); ``r1`` > 0
+        adds the R1 gradient penalty r1 / 2 * mean ||grad_z D(z_real)||^2 to the loss."""
+        if r1 > 0:
+            z_real = z_real.detach().requires_grad_(True)
         real, fake = self._critic(z_real, y_real), self._critic(z_fake, y_fake)
         loss = (F.binary_cross_entropy_with_logits(real, torch.ones_like(real))
                 + F.binary_cross_entropy_with_logits(fake, torch.zeros_like(fake)))
+        if r1 > 0:
+            (grad,) = torch.autograd.grad(real.sum(), z_real, create_graph=True)
+            loss = loss + 0.5 * r1 * grad.pow(2).sum(1).mean()
         acc = 0.5 * ((real > 0).float().mean() + (fake < 0).float().mean())
         return loss, acc.detach()
 
@@ -338,7 +348,7 @@ class AAE(BaseModel):
         for _ in range(self.config.disc_steps):
             disc.zero_grad(set_to_none=True)
             z_real, y_real = self.sample_prior(x.shape[0], return_components=True)
-            d_loss, d_acc = self._disc_terms(z_fake, z_real, y, y_real)
+            d_loss, d_acc = self._disc_terms(z_fake, z_real, y, y_real, r1=self.config.disc_r1)
             d_loss.backward()
             _sync_grads(list(self.discriminator.parameters()))
             disc.step()
