@@ -294,6 +294,9 @@ def aae_figures(model, x: torch.Tensor, y: torch.Tensor, args, png_name: str = "
         torch.manual_seed(6)
         codes = torch.cat([model.encode(x[i : i + 1000]).rsample() for i in range(0, x.shape[0], 1000)])
     n = min(args.mmd_points, codes.shape[0])
+    # a uniform subsample: the MNIST test split is ordered by writer population (the first 5,000
+    # images come from a different group than the last 5,000), so its first n codes are biased
+    pick = torch.randperm(codes.shape[0], generator=torch.Generator().manual_seed(7))[:n]
     g = torch.Generator().manual_seed(5)
     prior = model.sample_prior(n, g)
     prior2 = model.sample_prior(n, g)
@@ -317,12 +320,12 @@ def aae_figures(model, x: torch.Tensor, y: torch.Tensor, args, png_name: str = "
     uneven = means[torch.multinomial(w, n, replacement=True, generator=g)]
     uneven = uneven + c.mixture_std * torch.randn(n, means.shape[1], generator=g)
     r: dict[str, Any] = {"mmd_points": n}
-    bw = median_bandwidth(codes[:n], prior)
+    bw = median_bandwidth(codes[pick], prior)
     # two kernels: widths at the scale of one mixture component and up (resolve the modes), and the
     # median heuristic (the usual default, blind to structure finer than the ring)
     for tag, bws in (("", (0.25, 0.5, 1.0, 2.0, 4.0)), ("_median", (0.5 * bw, bw, 2 * bw))):
         r[f"mmd{tag}_bandwidths"] = list(bws)
-        for ref, pts in (("codes", codes[:n]), ("prior", prior2), ("wide_modes", wide), ("uneven_weights", uneven),
+        for ref, pts in (("codes", codes[pick]), ("prior", prior2), ("wide_modes", wide), ("uneven_weights", uneven),
                          ("ring", ring), ("gaussian", gauss)):
             r[f"mmd{tag}_{ref}_vs_prior"] = mmd_rbf(pts, prior, bws)
     try:
