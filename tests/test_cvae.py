@@ -29,7 +29,7 @@ def test_condition_vector_from_labels_and_vectors():
     assert torch.equal(m.condition_vector(y), F.one_hot(y, 10).float())
     soft = torch.full((2, 10), 0.1)
     assert torch.equal(m.condition_vector(soft), soft)
-    with pytest.raises(InputError, match=r"\[0, 9\]"):
+    with pytest.raises(InputError, match=r"\[0, 10\)"):
         m.condition_vector(torch.tensor([10]))
     with pytest.raises(InputError, match=r"\(B, 10\)"):
         m.condition_vector(torch.zeros(2, 4))

@@ -236,3 +236,16 @@ def test_each_family_builds_its_default_and_rejects_another_config_type(family):
     other = next(c for f, c in MODEL_REGISTRY.items() if c.config_class is not cls.config_class)
     with pytest.raises(ConfigError, match=f"{cls.__name__} needs a config of type {cls.config_class.__name__}"):
         cls(other.config_class())
+
+
+def test_check_class_labels_names_the_problem():
+    from vaekit.models.base import check_class_labels
+
+    assert check_class_labels(torch.tensor([0, 2], dtype=torch.uint8), 3).dtype == torch.int64
+    for bad, msg in ((torch.tensor([0.0, 1.0]), "integer tensor"), ([0, 1], "integer tensor"),
+                     (torch.tensor([[0, 1]]), r"shape \(B,\)"),
+                     (torch.tensor([0, 3]), r"\[0, 3\), got values in \[0, 3\]")):
+        with pytest.raises(InputError, match=msg):
+            check_class_labels(bad, 3)
+    with pytest.raises(InputError, match=r"shape \(4,\)"):
+        check_class_labels(torch.tensor([0, 1]), 3, n=4)

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vaekit.errors import ConfigError, InputError, check_choice, check_positive
-from vaekit.models.base import BaseModel, ModelOutput, register_model
+from vaekit.models.base import BaseModel, ModelOutput, check_class_labels, register_model
 from vaekit.nn.distributions import BernoulliLikelihood, DiagonalGaussian, GaussianLikelihood
 from vaekit.nn.layers import ACTIVATIONS, ConvDecoder, ConvEncoder, MLPDecoder, MLPEncoder, mlp
 
@@ -261,14 +261,9 @@ class AAE(BaseModel):
 
     def check_labels(self, y: Any, n: int) -> torch.Tensor:
         """Class labels (n,) in [0, mixture_components) for the label-guided regularization."""
-        k = self.config.mixture_components
-        if not isinstance(y, torch.Tensor) or y.shape != (n,) or y.dtype not in (torch.int64, torch.int32, torch.uint8):
-            got = f"{tuple(y.shape)} {y.dtype}" if isinstance(y, torch.Tensor) else type(y).__name__
-            raise InputError(f"a label-guided AAE needs integer class labels y of shape ({n},), got {got}")
-        if n and (int(y.min()) < 0 or int(y.max()) >= k):
-            raise InputError(f"labels must lie in [0, {k}) (one mixture component per class), "
-                             f"got values in [{int(y.min())}, {int(y.max())}]")
-        return y.long().to(self.device)
+        if y is None:
+            raise InputError(f"a label-guided AAE needs integer class labels y of shape ({n},), got None")
+        return check_class_labels(y, self.config.mixture_components, n).to(self.device)
 
     def _critic(self, z: torch.Tensor, label: torch.Tensor | None) -> torch.Tensor:
         """Discriminator logits (B,) for codes z (B, D); ``label`` (B,) is appended one-hot when label-guided."""

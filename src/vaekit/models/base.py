@@ -207,6 +207,22 @@ def read_model_doc(path: str | os.PathLike) -> dict[str, Any]:
     return doc
 
 
+def check_class_labels(y: Any, num_classes: int, n: int | None = None, what: str = "class labels") -> torch.Tensor:
+    """Integer class labels (B,) in [0, num_classes) as int64; InputError naming the problem otherwise.
+
+    ``n`` (when given) is the batch size the labels must match.
+    """
+    want = f"({n},)" if n is not None else "(B,)"
+    if not isinstance(y, torch.Tensor) or y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+        got = f"dtype {y.dtype}" if isinstance(y, torch.Tensor) else type(y).__name__
+        raise InputError(f"{what} must be an integer tensor of shape {want}, got {got}")
+    if y.ndim != 1 or (n is not None and y.shape[0] != n):
+        raise InputError(f"{what} must have shape {want}, got {tuple(y.shape)}")
+    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
+        raise InputError(f"{what} must lie in [0, {num_classes}), got values in [{int(y.min())}, {int(y.max())}]")
+    return y.long()
+
+
 def build_model(config: Any) -> BaseModel:
     """Instantiate the family named by ``config.family``."""
     return model_class(config.family)(config)

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from vaekit.errors import ConfigError, InputError, check_choice, check_positive
-from vaekit.models.base import register_model
+from vaekit.models.base import check_class_labels, register_model
 from vaekit.models.vae import VAE, VAEConfig, VAEOutput
 from vaekit.nn.distributions import BernoulliLikelihood, DiagonalGaussian, GaussianLikelihood
 from vaekit.nn.layers import mlp
@@ -84,12 +84,7 @@ class CVAE(VAE):
         if not y.is_floating_point():
             if c.condition != "class":
                 raise InputError(f"condition 'vector' needs float vectors (B, {c.cond_size}), got dtype {y.dtype}")
-            if y.ndim != 1:
-                raise InputError(f"class labels must have shape (B,), got {tuple(y.shape)}")
-            if y.numel() and (y.min() < 0 or y.max() >= c.num_classes):
-                raise InputError(f"class labels must lie in [0, {c.num_classes - 1}], got values in "
-                                 f"[{int(y.min())}, {int(y.max())}]")
-            vec = F.one_hot(y.long(), c.num_classes).to(self.to_mean.weight.dtype)
+            vec = F.one_hot(check_class_labels(y, c.num_classes), c.num_classes).to(self.to_mean.weight.dtype)
         else:
             if y.ndim != 2 or y.shape[1] != c.cond_size:
                 raise InputError(f"condition vectors must have shape (B, {c.cond_size}), got {tuple(y.shape)}")
