@@ -244,6 +244,15 @@ class Trainer:
         if found is None:
             return None
         payload, path = found
+        self._restore(payload, path)
+        self.branch = payload.get("branch", 0)
+        self.last_checkpoint = path
+        return str(path)
+
+    def _restore(self, payload: dict[str, Any], path: Path, *, recovering: bool = False) -> None:
+        """Load model, optimizers, step counters, this rank's RNG streams and callback state from a
+        checkpoint payload. A collapse recovery (``recovering``) leaves the callbacks that set
+        ``keep_state_on_recover`` as they are."""
         try:
             self.model.load_state_dict(payload["model"])
         except RuntimeError as exc:
@@ -259,14 +268,11 @@ class Trainer:
             _set_rng_state(rngs[self.dist.rank], self.device)
         else:
             warnings.warn(f"{path} was written by {payload.get('world_size')} process(es), this run has "
-                          f"{self.dist.world_size}: resuming with fresh noise streams (not bit-exact)", stacklevel=2)
+                          f"{self.dist.world_size}: resuming with fresh noise streams (not bit-exact)", stacklevel=3)
             torch.manual_seed(mix_seed(self.config.seed, self.dist.rank, self.state.step))
         for cb in self.callbacks:
-            if cb.name in payload.get("callbacks", {}):
+            if cb.name in payload.get("callbacks", {}) and not (recovering and cb.keep_state_on_recover):
                 cb.load_state_dict(payload["callbacks"][cb.name])
-        self.branch = payload.get("branch", 0)
-        self.last_checkpoint = path
-        return str(path)
 
     # -- the loop --------------------------------------------------------------------------------
     def fit(self, resume: bool = True) -> TrainResult:
@@ -520,15 +526,7 @@ class Trainer:
             self.request_stop(f"cannot recover: no checkpoint before step {before_step}; {reason}")
             return
         step, path = candidates[-1]
-        payload = load_checkpoint(path)
-        self.model.load_state_dict(payload["model"])
-        for k, opt in self.optimizers.items():
-            opt.load_state_dict(payload["optimizers"][k])
-        _set_rng_state(payload["rng"][self.dist.rank], self.device)
-        self.state = TrainState(payload["step"], payload["epoch"], payload["batch"])
-        for cb in self.callbacks:
-            if not cb.keep_state_on_recover and cb.name in payload.get("callbacks", {}):
-                cb.load_state_dict(payload["callbacks"][cb.name])
+        self._restore(load_checkpoint(path), path, recovering=True)
         abandoned = self.state.step
         self.branch += 1
         change = remedy(self)
