@@ -29,11 +29,11 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save, save_file
 from scipy import linalg
 from torch import nn
 
-from vaekit.atomic import atomic_folder
+from vaekit.atomic import atomic_folder, atomic_write_bytes
 from vaekit.data.dataset import ImageSplit, mix_seed, to_unit_float
 from vaekit.data.sources import default_cache_dir
 from vaekit.errors import ConfigError, InputError, ModelFormatError, describe
@@ -426,9 +426,7 @@ def reference_stats(dataset: str, split: str = "test", extractor: FeatureExtract
     part = getattr(ds, split).subset(n)
     mu, sigma = image_stats(to_unit_float(part.images), extractor)
     if cache is not None:
-        tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
-        save_file({"mu": torch.from_numpy(mu), "sigma": torch.from_numpy(sigma)}, str(tmp))
-        os.replace(tmp, cache)
+        atomic_write_bytes(cache, save({"mu": torch.from_numpy(mu), "sigma": torch.from_numpy(sigma)}))
     return mu, sigma
 
 
