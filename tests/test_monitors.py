@@ -2,9 +2,10 @@
 
 import pytest
 import torch
+from helpers import Crash
 
 from vaekit.models import VAE, VAEConfig
-from vaekit.training import Callback, DataConfig, TrainConfig, Trainer, read_metrics
+from vaekit.training import DataConfig, TrainConfig, Trainer, read_metrics
 from vaekit.training.history import choose_fallback, read_history
 from vaekit.training.monitors import CollapseMonitor, KLAlert, MonitorConfig, latent_stats
 from vaekit.training.schedules import KLConfig
@@ -70,17 +71,6 @@ def _cfg(**kw):
 def _model():
     torch.manual_seed(0)
     return VAE(VAEConfig(latent_dim=6, hidden_sizes=(64,)))
-
-
-class Crash(Callback):
-    name = "crash"
-
-    def __init__(self, at):
-        self.at = at
-
-    def on_step_end(self, trainer, record):
-        if record["step"] == self.at:
-            raise KeyboardInterrupt
 
 
 def test_alert_in_training_log_with_warn(mnist_small, tmp_path):

@@ -2,23 +2,11 @@ import json
 
 import pytest
 import torch
+from helpers import Crash
 
 from vaekit.errors import CheckpointError, TrainingDivergedError
 from vaekit.models import VAE, VAEConfig
 from vaekit.training import Callback, DataConfig, TrainConfig, Trainer, list_checkpoints, read_metrics
-
-
-class Crash(Callback):
-    """Simulates a crash (kill, power loss) right after a given step."""
-
-    name = "crash"
-
-    def __init__(self, at_step):
-        self.at_step = at_step
-
-    def on_step_end(self, trainer, record):
-        if record["step"] == self.at_step:
-            raise KeyboardInterrupt(f"simulated crash at step {self.at_step}")
 
 
 class Counter(Callback):

@@ -45,6 +45,18 @@ class ImageSplit:
             raise InputError(f"subset size must be a positive integer, got {n!r}")
         return ImageSplit(self.images[:n], self.labels[:n])
 
+    def split_off(self, n: int, seed: int = 0) -> tuple[ImageSplit, ImageSplit]:
+        """(rest, held): ``n`` examples drawn uniformly at random (seeded) and the others, each in
+        their original order. A uniform draw, not the last ``n``: MNIST's splits are ordered by
+        writer group, so a tail is a biased sample."""
+        if not isinstance(n, int) or isinstance(n, bool) or not 0 < n < len(self):
+            raise InputError(f"a held-out part must have 1 to {len(self) - 1} examples (the split has "
+                             f"{len(self)}), got {n!r}")
+        held = torch.zeros(len(self), dtype=torch.bool)
+        held[torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))[:n]] = True
+        return (ImageSplit(self.images[~held], self.labels[~held]),
+                ImageSplit(self.images[held], self.labels[held]))
+
 
 @dataclass
 class ImageDataset:

@@ -16,12 +16,14 @@ import yaml
 
 from vaekit.config import field_names, from_dict, parse_override, set_by_path, to_dict
 from vaekit.data import BINARIZE_MODES, LOADERS
+from vaekit.data.dataset import ImageSplit
 from vaekit.data.sources import resolve_sources
 from vaekit.errors import ConfigError, check_choice, check_positive, describe
 from vaekit.models.base import MODEL_REGISTRY, model_config_from_dict
 from vaekit.models.vae import VAEConfig
 from vaekit.training.monitors import MonitorConfig
 from vaekit.training.schedules import KLConfig
+from vaekit.training.selection import SelectConfig
 
 
 @dataclass
@@ -35,6 +37,10 @@ class DataConfig:
     sources: str | None = None  # comma-separated sources to try (local,cache,npm,http); None = all
     train_subset: int | None = None  # use only the first N training examples
     test_subset: int | None = None  # use only the first N test examples
+    # hold out N training examples (a seeded uniform draw, after train_subset) as a validation
+    # split: never trained on; model selection (select.*) scores on it
+    validation: int = 0
+    validation_seed: int = 0  # seed of that draw
 
     def __post_init__(self) -> None:
         check_choice("data.dataset", self.dataset, tuple(LOADERS))
@@ -45,6 +51,22 @@ class DataConfig:
             value = getattr(self, name)
             if value is not None:
                 check_positive(f"data.{name}", value, integer=True)
+        check_positive("data.validation", self.validation, allow_zero=True, integer=True)
+        check_positive("data.validation_seed", self.validation_seed, allow_zero=True, integer=True)
+        if self.validation and self.train_subset is not None and self.validation >= self.train_subset:
+            raise ConfigError(f"data.validation ({self.validation}) must be smaller than data.train_subset "
+                              f"({self.train_subset}): some examples must be left to train on")
+
+    def train_splits(self, train: ImageSplit) -> tuple[ImageSplit, ImageSplit | None]:
+        """(training examples, validation examples or None) of a dataset's train split under
+        ``train_subset`` and ``validation``."""
+        train = train.subset(self.train_subset)
+        if not self.validation:
+            return train, None
+        if self.validation >= len(train):
+            raise ConfigError(f"data.validation ({self.validation}) must be smaller than the training split "
+                              f"({len(train)} examples)")
+        return train.split_off(self.validation, self.validation_seed)
 
 
 @dataclass
@@ -109,6 +131,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     kl: KLConfig = field(default_factory=KLConfig)  # KL schedule, free bits, floor
     monitor: MonitorConfig = field(default_factory=MonitorConfig)  # posterior-collapse monitors and response
+    select: SelectConfig = field(default_factory=SelectConfig)  # keep the best weights on validation data
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name or "/" in self.name or self.name in (".", ".."):
@@ -122,7 +145,8 @@ class RunConfig:
         return to_dict(self)
 
 
-SECTIONS = {"data": DataConfig, "train": TrainConfig, "kl": KLConfig, "monitor": MonitorConfig}
+SECTIONS = {"data": DataConfig, "train": TrainConfig, "kl": KLConfig, "monitor": MonitorConfig,
+            "select": SelectConfig}
 
 
 def valid_keys(model_family: str = "vae") -> list[str]:
@@ -134,6 +158,7 @@ def valid_keys(model_family: str = "vae") -> list[str]:
     keys += [f"train.{k}" for k in field_names(TrainConfig)]
     keys += [f"kl.{k}" for k in field_names(KLConfig)]
     keys += [f"monitor.{k}" for k in field_names(MonitorConfig)]
+    keys += [f"select.{k}" for k in field_names(SelectConfig)]
     return keys
 
 

@@ -24,7 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from vaekit.config import to_dict
 from vaekit.data import LOADERS
-from vaekit.data.dataset import BatchLoader, ImageDataset, eval_loader, mix_seed
+from vaekit.data.dataset import BatchLoader, ImageDataset, ImageSplit, eval_loader, mix_seed
 from vaekit.errors import CheckpointError, ConfigError, InputError, TrainingDivergedError
 from vaekit.evaluation.elbo import evaluate_elbo
 from vaekit.models.base import BaseModel
@@ -42,6 +42,7 @@ from vaekit.training.history import CheckpointHistory
 from vaekit.training.metrics_log import MetricsLog
 from vaekit.training.monitors import CollapseMonitor, KLController, MonitorConfig
 from vaekit.training.schedules import KLConfig
+from vaekit.training.selection import BestModelSelector, SelectConfig, check_selectable
 
 
 @dataclass
@@ -67,6 +68,7 @@ class TrainResult:
     stopped: str | None = None  # why training ended early (a collapse with monitor.on_collapse=stop)
     recoveries: int = 0  # collapse recoveries made
     alerts: list[dict[str, Any]] | None = None  # collapse alerts: cause, step, onset, action
+    selected: dict[str, Any] | None = None  # model selection: metric, best step and value, every check
 
 
 def pick_device(name: str) -> torch.device:
@@ -103,6 +105,8 @@ class Trainer:
         callbacks: hooks called during training; their state is checkpointed.
         kl: KL schedule, free bits and floor (default: constant weight ``model.config.beta``).
         monitor: posterior-collapse monitors and the response to an alert.
+        select: model selection on ``data_config.validation`` held-out training examples: the
+            best weights by ``select.metric`` are the ones evaluated and saved at the end.
     """
 
     def __init__(
@@ -117,6 +121,7 @@ class Trainer:
         callbacks: Sequence[Callback] = (),
         kl: KLConfig | None = None,
         monitor: MonitorConfig | None = None,
+        select: SelectConfig | None = None,
     ):
         if not isinstance(model, BaseModel):
             raise InputError(f"model must be a vaekit model (BaseModel), got {type(model).__name__}")
@@ -135,6 +140,13 @@ class Trainer:
         self.callbacks = list(callbacks)
         self.kl_config = kl or (run_config.kl if run_config else KLConfig())
         self.monitor_config = monitor or (run_config.monitor if run_config else MonitorConfig())
+        self.select_config = select or (run_config.select if run_config else SelectConfig())
+        if self.select_config.enabled and not self.data_config.validation:
+            raise ConfigError(f"select.metric={self.select_config.metric!r} scores on a validation split: "
+                              f"set data.validation to the number of training examples to hold out (e.g. 5000)")
+        if self.select_config.enabled:
+            check_selectable(model, self.select_config)
+        self.selector: BestModelSelector | None = None
         self.kl_controller: KLController | None = None
         self.monitor: CollapseMonitor | None = None
         names = [c.name for c in self.callbacks]
@@ -154,6 +166,7 @@ class Trainer:
         self._last_eval: dict[str, Any] | None = None
         self._recent_kl: list[float] = []
         self.history: CheckpointHistory | None = None
+        self.validation_split: ImageSplit | None = None  # data.validation held-out examples
 
     # -- set-up ----------------------------------------------------------------------------------
     @property
@@ -301,7 +314,7 @@ class Trainer:
             self._write_run_config()
         D.barrier(info)
         model = self.model.to(self.device).train()
-        train_split = self.dataset.train.subset(dc.train_subset)
+        train_split, self.validation_split = dc.train_splits(self.dataset.train)
         loader = BatchLoader(train_split, cfg.batch_size, shuffle=True, binarize=dc.binarize,
                              seed=mix_seed(cfg.seed, dc.binarize_seed), drop_last=cfg.drop_last,
                              rank=info.rank, world_size=info.world_size, device=self.device)
@@ -403,6 +416,8 @@ class Trainer:
             if self._stop_reason:
                 break
 
+        if self.selector is not None and self.selector.finish(self):
+            evaluated_at = -1  # the best weights came before the last step: evaluate those
         if evaluated_at != self.state.step and cfg.eval_every:
             final_eval = self.evaluate(test, self.state.epoch)
         model_dir = self._save_model(final_eval) if info.is_main else None
@@ -412,7 +427,8 @@ class Trainer:
         return TrainResult(self.run_dir, model_dir, self.state.step, self.state.epoch, final_eval,
                            time.perf_counter() - t_start, resumed, self._stop_reason,
                            self.monitor.recoveries if self.monitor else 0,
-                           list(self.monitor.alerts) if self.monitor else [])
+                           list(self.monitor.alerts) if self.monitor else [],
+                           self.selector.summary if self.selector else None)
 
     def _term_names(self, model: BaseModel, loader: BatchLoader) -> list[str]:
         """Names of the logged loss terms, from a forward pass on two examples (RNG untouched)."""
@@ -498,6 +514,14 @@ class Trainer:
         elif mc.enabled and mc.on_collapse != "warn":
             raise ConfigError(f"monitor.on_collapse={mc.on_collapse!r} needs a model with a Gaussian posterior; "
                               f"{model.family!r} has none (set monitor.enabled=false)")
+        if self.select_config.enabled:
+            val = self.validation_split
+            assert val is not None  # __init__ checked data.validation
+            n = min(self.select_config.samples, len(val))
+            seed = mix_seed(self.data_config.binarize_seed, 0x5E)
+            x, y = next(eval_loader(val.subset(n), n, self.data_config.binarize, seed, self.device).epoch(0))
+            self.selector = BestModelSelector(self.select_config, x, y)
+            internal.append(self.selector)
         self.callbacks = internal + self.user_callbacks
 
     def log_record(self, record: dict[str, Any]) -> None:
@@ -579,7 +603,10 @@ class Trainer:
     def _save_model(self, final_eval: dict[str, Any] | None) -> Path:
         meta = {"data": to_dict(self.data_config), "train": to_dict(self.config), "steps": self.state.step,
                 "dataset_provenance": self.dataset.provenance}
-        metrics = {"test": final_eval, "step": self.state.step} if final_eval else None
+        metrics: dict[str, Any] | None = {"test": final_eval, "step": self.state.step} if final_eval else None
+        if self.selector is not None:
+            meta["selected"] = {k: v for k, v in self.selector.summary.items() if k != "checks"}
+            metrics = {**(metrics or {}), "selected": meta["selected"]}
         return self.model.save(self.run_dir / "model", metadata=meta, metrics=metrics)
 
 
