@@ -122,6 +122,30 @@ def test_dead_codes_are_counted_and_restarted_onto_encoder_outputs():
             assert vq(z).dead_codes == 2
 
 
+def test_quantizer_runs_in_float32_under_bf16_autocast():
+    """Found on an H100: under bf16 autocast the encoder output is bf16; k-means init and restarts
+    could not be written into the float32 codebook, and bf16 counts round above 256."""
+    z = torch.randn(600, 4, generator=torch.Generator().manual_seed(0))
+    for kmeans_init in (True, False):
+        torch.manual_seed(1)
+        vq = VectorQuantizer(6, 4, dead_code_steps=1, kmeans_init=kmeans_init, kmeans_iters=2).train()
+        vq.codebook[5] = 100.0  # never wins: restarted after one step
+        vq.ema_sum[5] = 100.0
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            zb = torch.nn.functional.linear(z, torch.eye(4))  # a bf16 activation, as an encoder gives
+            assert zb.dtype == torch.bfloat16
+            q = vq(zb)
+        assert vq.codebook.dtype == torch.float32 and q.z_q.dtype == torch.float32
+        assert q.counts.sum().item() == 600 and q.counts.dtype == torch.float32  # exact counts
+    torch.manual_seed(0)
+    model = VQVAE(VQVAEConfig(**SMALL, kmeans_init=True, kmeans_iters=2, dead_code_steps=1)).train()
+    x = _x(8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x)
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and all(p.grad is not None for p in model.encoder.parameters())
+
+
 def test_kmeans_initialisation_finds_the_clusters():
     g = torch.Generator().manual_seed(0)
     centres = torch.tensor([[0.0, 0.0], [5.0, 5.0], [-5.0, 5.0]])
