@@ -66,7 +66,9 @@ from vaekit.models.vqvae_prior import train_code_prior  # noqa: E402
 from vaekit.objectives.iwae import iwae_bound, log_importance_weights  # noqa: E402
 from vaekit.objectives.mmd import median_bandwidth, mmd_rbf  # noqa: E402
 from vaekit.training import Callback, DataConfig, TrainConfig, Trainer  # noqa: E402
+from vaekit.training.checkpoint import latest_checkpoint  # noqa: E402
 from vaekit.training.monitors import MonitorConfig  # noqa: E402
+from vaekit.training.selection import SelectConfig  # noqa: E402
 
 FIGURES = RESULTS / "families"
 MLP = {"hidden_sizes": (400,), "latent_dim": 20}
@@ -85,6 +87,13 @@ MNIST_RUNS: dict[str, Any] = {
 }
 AAE_LONG = AAEConfig(latent_dim=2, prior="mixture", disc_steps=3)
 AAE_LABEL = AAEConfig(latent_dim=2, prior="mixture", disc_steps=3, label_guided=True)  # Makhzani et al. Sec. 3
+# the kernel of every AAE MMD figure: widths from a quarter of one mixture component's std (0.5)
+# up to the circle's radius (4), so both the modes and the ring are resolved
+AAE_KERNEL = (0.25, 0.5, 1.0, 2.0, 4.0)
+# model selection for the AAE runs: 5,000 uniformly drawn training images held out, MMD^2 of
+# their codes to the prior every 250 steps with the kernel above, the best weights kept
+AAE_VALIDATION = 5000
+AAE_SELECT = SelectConfig(metric="prior_mmd", every_steps=250, samples=2000, bandwidths=AAE_KERNEL)
 
 
 class TimeBudget(Callback):
@@ -104,8 +113,9 @@ class TimeBudget(Callback):
 
 
 def train_run(run_dir: Path, cfg: Any, data, data_cfg: DataConfig, args, *, seconds: float | None = None,
-              epochs: int = 1000, batch_size: int = 128, seed: int = 0):
-    """Train (or, with --reuse, load) one model; returns (model, info)."""
+              epochs: int = 1000, batch_size: int = 128, seed: int = 0, select: SelectConfig | None = None):
+    """Train (or, with --reuse, load) one model; returns (model, info). With ``select`` the model
+    returned (and saved) holds the weights selected on ``data_cfg.validation`` held-out images."""
     model_dir = run_dir / "model"
     info_file = run_dir / "bench_run.json"
     if args.reuse and model_dir.is_dir() and info_file.is_file():
@@ -123,9 +133,12 @@ def train_run(run_dir: Path, cfg: Any, data, data_cfg: DataConfig, args, *, seco
     callbacks = [TimeBudget(seconds)] if seconds else []
     t0 = time.perf_counter()
     result = Trainer(model, data, tc, data_config=data_cfg, run_dir=run_dir, callbacks=callbacks,
-                     monitor=MonitorConfig(enabled=False)).fit(resume=False)
-    info = {"steps": result.steps, "train_s": round(time.perf_counter() - t0, 1),
-            "epochs": round(result.steps / math.ceil(len(data.train.subset(data_cfg.train_subset)) / batch_size), 2)}
+                     monitor=MonitorConfig(enabled=False), select=select).fit(resume=False)
+    n_train = len(data_cfg.train_splits(data.train)[0])
+    info: dict[str, Any] = {"steps": result.steps, "train_s": round(time.perf_counter() - t0, 1),
+                            "epochs": round(result.steps / math.ceil(n_train / batch_size), 2)}
+    if result.selected:
+        info["selected"] = result.selected
     info_file.write_text(json.dumps(info) + "\n")
     return model.eval(), info
 
@@ -323,11 +336,12 @@ def aae_figures(model, x: torch.Tensor, y: torch.Tensor, args, png_name: str = "
     bw = median_bandwidth(codes[pick], prior)
     # two kernels: widths at the scale of one mixture component and up (resolve the modes), and the
     # median heuristic (the usual default, blind to structure finer than the ring)
-    for tag, bws in (("", (0.25, 0.5, 1.0, 2.0, 4.0)), ("_median", (0.5 * bw, bw, 2 * bw))):
+    for tag, bws in (("", AAE_KERNEL), ("_median", (0.5 * bw, bw, 2 * bw))):
         r[f"mmd{tag}_bandwidths"] = list(bws)
         for ref, pts in (("codes", codes[pick]), ("prior", prior2), ("wide_modes", wide), ("uneven_weights", uneven),
                          ("ring", ring), ("gaussian", gauss)):
             r[f"mmd{tag}_{ref}_vs_prior"] = mmd_rbf(pts, prior, bws)
+    r.update(mode_figures(codes, y, means, c.mixture_std))
     try:
         import matplotlib
 
@@ -355,29 +369,76 @@ def aae_figures(model, x: torch.Tensor, y: torch.Tensor, args, png_name: str = "
     return r
 
 
+def mode_figures(codes: torch.Tensor, y: torch.Tensor, means: torch.Tensor, std: float) -> dict[str, Any]:
+    """How the codes (N, D) fill the mixture's modes: the share of codes nearest each component
+    mean (sorted, largest first; the prior gives 0.1 each), the share within 3 std of their nearest
+    mean (the prior, in 2-D: 1 - exp(-4.5) = 0.989), and how often a class's codes share the
+    component most of that class lands in (class purity of the modes)."""
+    d = torch.cdist(codes.double(), means.double())
+    dist, nearest = d.min(1)
+    mass = torch.bincount(nearest, minlength=means.shape[0]).double() / codes.shape[0]
+    per_class = [float((nearest[y == k] == nearest[y == k].mode().values).double().mean())
+                 for k in range(int(y.max()) + 1) if (y == k).any()]
+    return {"mode_mass": sorted(mass.tolist(), reverse=True), "within_3std": float((dist < 3 * std).double().mean()),
+            "within_3std_prior": 1 - math.exp(-4.5) if codes.shape[1] == 2 else None,
+            "class_mode_purity": sum(per_class) / len(per_class)}
+
+
+def _mean_std(values: list[float]) -> dict[str, float]:
+    v = torch.tensor(values, dtype=torch.float64)
+    return {"mean": float(v.mean()), "std": float(v.std()) if len(v) > 1 else 0.0, "n": len(values)}
+
+
 # -- AAE, longer ------------------------------------------------------------------------------------
+def aae_runs(args) -> list[tuple[str, Any, int]]:
+    """(name, config, seed) of the AAE section's runs: ``s<seed>`` (unsupervised) and ``label_guided``."""
+    runs = [(f"s{seed}", AAE_LONG, seed) for seed in range(args.aae_seeds)] + [("label_guided", AAE_LABEL, 0)]
+    if args.aae_only:
+        wanted = args.aae_only.split(",")
+        unknown = sorted(set(wanted) - {n for n, _, _ in runs})
+        if unknown:
+            raise SystemExit(f"--aae-only: unknown run(s) {unknown}; valid: {[n for n, _, _ in runs]}")
+        runs = [r for r in runs if r[0] in wanted]
+    return runs
+
+
 def aae_section(args) -> dict[str, Any]:
-    """The 2-D mixture-prior AAE, unsupervised and label-guided, each trained for ``--aae-budget-s``:
-    MMD to the prior and a scatter plot of the codes. The unsupervised run's figures are the
-    section's top-level keys; the label-guided run's are under ``label_guided``."""
+    """The 2-D mixture-prior AAE, ``--aae-seeds`` unsupervised seeds and one label-guided run, each
+    trained for ``--aae-budget-s`` with 5,000 training images held out for model selection (the
+    weights whose held-out codes are closest to the prior by MMD^2, checked every 250 steps).
+    Per run: test MMD^2 of the selected weights and of the last weights, mode figures, references
+    and a scatter plot; ``summary``: mean +- std over the unsupervised seeds."""
     data = load_dataset("mnist")
     x, y = to_unit_float(data.test.images), data.test.labels
-    out: dict[str, Any] = {}
-    for tag, cfg, folder, png in (("", AAE_LONG, "mixture2d", "aae_codes.png"),
-                                  ("label_guided", AAE_LABEL, "mixture2d_label_guided", "aae_codes_label_guided.png")):
-        print(f"== aae{' / ' + tag if tag else ''}: training for {args.aae_budget_s:.0f} s (or reused)", flush=True)
-        model, info = train_run(Path(args.runs) / "aae" / folder, cfg, data, DataConfig(dataset="mnist"), args,
-                                seconds=args.aae_budget_s)
+    dc = DataConfig(dataset="mnist", validation=AAE_VALIDATION)
+    out: dict[str, Any] = {"budget_s": args.aae_budget_s, "validation": AAE_VALIDATION,
+                           "select": {"metric": AAE_SELECT.metric, "every_steps": AAE_SELECT.every_steps,
+                                      "samples": AAE_SELECT.samples, "bandwidths": list(AAE_KERNEL)},
+                           "runs": {}}
+    for name, cfg, seed in aae_runs(args):
+        print(f"== aae / {name}: training for {args.aae_budget_s:.0f} s (or reused)", flush=True)
+        run_dir = Path(args.runs) / "aae" / name
+        model, info = train_run(run_dir, cfg, data, dc, args, seconds=args.aae_budget_s, seed=seed, select=AAE_SELECT)
         loader = eval_loader(data.test, 1000, "none", 0, "cpu").epoch(0)
-        r = {**info, "budget_s": args.aae_budget_s, "recon_mse": recon_mse(model, x, y),
-             "active_units": active_units(posterior_means(model, x, y)),
+        r = {**info, "seed": seed, "recon_mse": recon_mse(model, x, y),
              "test": {k: v for k, v in evaluate_elbo(model, loader).items() if k != "kl_per_dim"},
-             **aae_figures(model, x, y, args, png)}
-        print(json.dumps(r, default=str)[:800], flush=True)
-        if tag:
-            out[tag] = r
-        else:
-            out.update(r)
+             **aae_figures(model, x, y, args, f"aae_codes_{name}.png")}
+        found = latest_checkpoint(run_dir / "checkpoints")  # the last weights, before selection
+        if found is not None:
+            last = build_model(cfg)
+            last.load_state_dict(found[0]["model"])
+            lf = aae_figures(last.eval(), x, y, args, f"aae_codes_{name}_last.png")
+            r["last"] = {"step": found[0]["step"], **{k: lf[k] for k in (
+                "mmd_codes_vs_prior", "within_3std", "mode_mass", "class_mode_purity", "scatter_png")}}
+        print(json.dumps({k: v for k, v in r.items() if k != "selected"}, default=str)[:600], flush=True)
+        out["runs"][name] = r
+    seeds = [r for n, r in out["runs"].items() if n.startswith("s")]
+    if seeds:
+        out["summary"] = {"selected_mmd": _mean_std([r["mmd_codes_vs_prior"] for r in seeds]),
+                          "last_mmd": _mean_std([r["last"]["mmd_codes_vs_prior"] for r in seeds if "last" in r]),
+                          "selected_within_3std": _mean_std([r["within_3std"] for r in seeds]),
+                          "references": {k: seeds[0][k] for k in seeds[0] if k.startswith("mmd_") and "_vs_prior" in k
+                                         and "codes" not in k}}
     return out
 
 
@@ -475,7 +536,9 @@ def main() -> None:
     p.add_argument("--test-subset", type=int, default=None, help="MNIST test images used (default: all 10,000)")
     p.add_argument("--cvae-per-class", type=int, default=1000)
     p.add_argument("--mmd-points", type=int, default=2000)
-    p.add_argument("--aae-budget-s", type=float, default=600.0, help="training seconds of the AAE section's run")
+    p.add_argument("--aae-budget-s", type=float, default=600.0, help="training seconds of each AAE section run")
+    p.add_argument("--aae-seeds", type=int, default=3, help="unsupervised AAE seeds in the aae section")
+    p.add_argument("--aae-only", default="", help="comma-separated AAE runs (s0,s1,...,label_guided; default all)")
     p.add_argument("--nll-epochs", type=int, default=10)
     p.add_argument("--nll-k", type=int, default=1000)
     p.add_argument("--nll-examples", type=int, default=2000)
@@ -527,22 +590,22 @@ def report(results: dict[str, Any]) -> None:
               + (f"; FID floor (train vs test) {m['fid_floor_train_vs_test']:.2f}" if m.get("fid_floor_train_vs_test")
                  else ""))
         print_table(["run", "steps", "train s", "recon MSE", "FID", "family figures"], rows)
-    if "aae" in results:
+    if "aae" in results and "runs" in results["aae"]:
         a = results["aae"]
-        print(f"\nAAE, 2-D code, 10-component mixture prior, {a['budget_s']:.0f} s ({a['steps']} steps): MMD^2 to "
-              f"prior samples ({a['mmd_points']} points; kernel widths {a['mmd_bandwidths']})")
-        print_table(["sample", "MMD^2 vs prior"], [
-            ["encoded test images", a["mmd_codes_vs_prior"]],
-            ["independent prior draws (floor)", a["mmd_prior_vs_prior"]],
-            ["the mixture, components 2x wider", a.get("mmd_wide_modes_vs_prior")],
-            ["the mixture, weights 2:1", a.get("mmd_uneven_weights_vs_prior")],
-            ["ring of the prior's radius, no modes", a["mmd_ring_vs_prior"]],
-            ["Gaussian with the prior's spread", a["mmd_gaussian_vs_prior"]]])
-        print(f"scatter plot: {a['scatter_png']}")
-        if "label_guided" in a:
-            lg = a["label_guided"]
-            print(f"label-guided (the discriminator also sees the class / component one-hot), {lg['steps']} steps: "
-                  f"MMD^2 {lg['mmd_codes_vs_prior']:.4f}; scatter plot: {lg['scatter_png']}")
+        rows = [[name, r["steps"], r["selected"]["best_step"] if "selected" in r else "-", r["mmd_codes_vs_prior"],
+                 r["last"]["mmd_codes_vs_prior"] if "last" in r else "-", r["within_3std"],
+                 f"{min(r['mode_mass']):.3f}-{max(r['mode_mass']):.3f}", r["scatter_png"]]
+                for name, r in a["runs"].items()]
+        print(f"\nAAE, 2-D code, 10-component mixture prior, {a['budget_s']:.0f} s per run; test MMD^2 to prior "
+              f"samples, kernel widths {a['select']['bandwidths']}; selected on {a['validation']} held-out "
+              f"training images every {a['select']['every_steps']} steps")
+        print_table(["run", "steps", "selected step", "MMD^2 selected", "MMD^2 last", "within 3 std",
+                     "mode mass", "scatter"], rows)
+        if "summary" in a:
+            sm = a["summary"]
+            print(f"unsupervised seeds: selected {sm['selected_mmd']['mean']:.4f} +- {sm['selected_mmd']['std']:.4f}, "
+                  f"last {sm['last_mmd']['mean']:.4f} +- {sm['last_mmd']['std']:.4f} (n = {sm['selected_mmd']['n']})")
+            print_table(["reference sample", "MMD^2 vs prior"], [[k, v] for k, v in sm["references"].items()])
     if "nll" in results:
         n = results["nll"]
         rows = [[k, r["steps"], r["train_s"], r["nll"], r["nll_stderr"]] for k, r in n["runs"].items()]
