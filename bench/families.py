@@ -342,6 +342,10 @@ def aae_figures(model, x: torch.Tensor, y: torch.Tensor, args, png_name: str = "
                          ("ring", ring), ("gaussian", gauss)):
             r[f"mmd{tag}_{ref}_vs_prior"] = mmd_rbf(pts, prior, bws)
     r.update(mode_figures(codes, y, means, c.mixture_std))
+    for ref, pts in (("prior", prior2), ("ring", ring), ("wide_modes", wide), ("uneven_weights", uneven)):
+        ref_modes = mode_figures(pts, y[: pts.shape[0]], means, c.mixture_std)
+        r[f"within_1std_{ref}"], r[f"within_3std_{ref}"] = ref_modes["within_1std"], ref_modes["within_3std"]
+        r[f"mode_mass_tv_{ref}"] = ref_modes["mode_mass_tv"]
     try:
         import matplotlib
 
@@ -371,16 +375,19 @@ def aae_figures(model, x: torch.Tensor, y: torch.Tensor, args, png_name: str = "
 
 def mode_figures(codes: torch.Tensor, y: torch.Tensor, means: torch.Tensor, std: float) -> dict[str, Any]:
     """How the codes (N, D) fill the mixture's modes: the share of codes nearest each component
-    mean (sorted, largest first; the prior gives 0.1 each), the share within 3 std of their nearest
-    mean (the prior, in 2-D: 1 - exp(-4.5) = 0.989), and how often a class's codes share the
+    mean (sorted, largest first; the prior gives 0.1 each), the shares within 1 and 3 std of their
+    nearest mean (the prior, in 2-D: 1 - exp(-1/2) = 0.393 and 1 - exp(-9/2) = 0.989; within 1 std
+    tells modes from a ring, within 3 std does not), and how often a class's codes share the
     component most of that class lands in (class purity of the modes)."""
     d = torch.cdist(codes.double(), means.double())
     dist, nearest = d.min(1)
     mass = torch.bincount(nearest, minlength=means.shape[0]).double() / codes.shape[0]
     per_class = [float((nearest[y == k] == nearest[y == k].mode().values).double().mean())
                  for k in range(int(y.max()) + 1) if (y == k).any()]
-    return {"mode_mass": sorted(mass.tolist(), reverse=True), "within_3std": float((dist < 3 * std).double().mean()),
-            "within_3std_prior": 1 - math.exp(-4.5) if codes.shape[1] == 2 else None,
+    return {"mode_mass": sorted(mass.tolist(), reverse=True),
+            "mode_mass_tv": 0.5 * float((mass - 1.0 / means.shape[0]).abs().sum()),  # vs equal weights; 2:1 gives 1/6
+            "within_1std": float((dist < std).double().mean()),
+            "within_3std": float((dist < 3 * std).double().mean()),
             "class_mode_purity": sum(per_class) / len(per_class)}
 
 
@@ -429,16 +436,21 @@ def aae_section(args) -> dict[str, Any]:
             last.load_state_dict(found[0]["model"])
             lf = aae_figures(last.eval(), x, y, args, f"aae_codes_{name}_last.png")
             r["last"] = {"step": found[0]["step"], **{k: lf[k] for k in (
-                "mmd_codes_vs_prior", "within_3std", "mode_mass", "class_mode_purity", "scatter_png")}}
+                "mmd_codes_vs_prior", "within_1std", "within_3std", "mode_mass", "mode_mass_tv", "class_mode_purity",
+                "scatter_png")}}
         print(json.dumps({k: v for k, v in r.items() if k != "selected"}, default=str)[:600], flush=True)
         out["runs"][name] = r
     seeds = [r for n, r in out["runs"].items() if n.startswith("s")]
     if seeds:
         out["summary"] = {"selected_mmd": _mean_std([r["mmd_codes_vs_prior"] for r in seeds]),
                           "last_mmd": _mean_std([r["last"]["mmd_codes_vs_prior"] for r in seeds if "last" in r]),
+                          "selected_within_1std": _mean_std([r["within_1std"] for r in seeds]),
+                          "last_within_1std": _mean_std([r["last"]["within_1std"] for r in seeds if "last" in r]),
                           "selected_within_3std": _mean_std([r["within_3std"] for r in seeds]),
-                          "references": {k: seeds[0][k] for k in seeds[0] if k.startswith("mmd_") and "_vs_prior" in k
-                                         and "codes" not in k}}
+                          "selected_mode_mass_tv": _mean_std([r["mode_mass_tv"] for r in seeds]),
+                          "references": {k: seeds[0][k] for k in seeds[0] if "codes" not in k and (
+                              (k.startswith("mmd_") and "_vs_prior" in k) or (k.startswith(("within_", "mode_mass_tv_"))
+                              and k.count("_") >= 2 and k.split("_")[-1] in ("prior", "ring", "modes", "weights")))}}
     return out
 
 
@@ -593,19 +605,23 @@ def report(results: dict[str, Any]) -> None:
     if "aae" in results and "runs" in results["aae"]:
         a = results["aae"]
         rows = [[name, r["steps"], r["selected"]["best_step"] if "selected" in r else "-", r["mmd_codes_vs_prior"],
-                 r["last"]["mmd_codes_vs_prior"] if "last" in r else "-", r["within_3std"],
+                 r["last"]["mmd_codes_vs_prior"] if "last" in r else "-", r["within_1std"],
+                 r["last"]["within_1std"] if "last" in r else "-", r["within_3std"],
                  f"{min(r['mode_mass']):.3f}-{max(r['mode_mass']):.3f}", r["scatter_png"]]
                 for name, r in a["runs"].items()]
         print(f"\nAAE, 2-D code, 10-component mixture prior, {a['budget_s']:.0f} s per run; test MMD^2 to prior "
               f"samples, kernel widths {a['select']['bandwidths']}; selected on {a['validation']} held-out "
               f"training images every {a['select']['every_steps']} steps")
-        print_table(["run", "steps", "selected step", "MMD^2 selected", "MMD^2 last", "within 3 std",
-                     "mode mass", "scatter"], rows)
+        print_table(["run", "steps", "selected step", "MMD^2 selected", "MMD^2 last", "within 1 std selected",
+                     "within 1 std last", "within 3 std selected", "mode mass", "scatter"], rows)
         if "summary" in a:
             sm = a["summary"]
-            print(f"unsupervised seeds: selected {sm['selected_mmd']['mean']:.4f} +- {sm['selected_mmd']['std']:.4f}, "
-                  f"last {sm['last_mmd']['mean']:.4f} +- {sm['last_mmd']['std']:.4f} (n = {sm['selected_mmd']['n']})")
-            print_table(["reference sample", "MMD^2 vs prior"], [[k, v] for k, v in sm["references"].items()])
+            ms = lambda d, f: f"{d['mean']:{f}} +- {d['std']:{f}}"  # noqa: E731
+            print(f"unsupervised seeds (n = {sm['selected_mmd']['n']}), MMD^2: "
+                  f"selected {ms(sm['selected_mmd'], '.4f')}, "
+                  f"last {ms(sm['last_mmd'], '.4f')}; within 1 std: selected {ms(sm['selected_within_1std'], '.3f')}, "
+                  f"last {ms(sm['last_within_1std'], '.3f')}")
+            print_table(["reference", "value"], [[k, v] for k, v in sm["references"].items()])
     if "nll" in results:
         n = results["nll"]
         rows = [[k, r["steps"], r["train_s"], r["nll"], r["nll_stderr"]] for k, r in n["runs"].items()]
