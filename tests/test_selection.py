@@ -28,7 +28,9 @@ def test_split_off_is_a_seeded_uniform_draw_disjoint_from_the_rest():
     a, b = set(rest.labels.tolist()), set(held.labels.tolist())
     assert not a & b and a | b == set(range(100))
     assert any(i < 50 for i in b) and any(i >= 50 for i in b), "a uniform draw, not a tail"
-    assert held.labels.tolist() == sorted(held.labels.tolist()), "original order is kept"
+    draw = torch.randperm(100, generator=torch.Generator().manual_seed(4))[:20]
+    assert held.labels.tolist() == draw.tolist(), "held out in the order drawn: every prefix is uniform"
+    assert rest.labels.tolist() == sorted(rest.labels.tolist()), "the rest keeps its order"
     assert torch.equal(held.images.flatten().long(), held.labels)
     assert _split().split_off(20, seed=4)[1].labels.tolist() == held.labels.tolist()
     assert _split().split_off(20, seed=5)[1].labels.tolist() != held.labels.tolist()
@@ -56,6 +58,10 @@ def test_config_errors_name_the_setting():
 
 def test_trainer_refuses_selection_without_validation_or_a_prior(mnist_small, tmp_path):
     vae = VAE(VAEConfig(latent_dim=2, hidden_sizes=(16,)))
+    with pytest.raises(ConfigError, match="data.validation .2000. must be smaller than the training split"):
+        Trainer(vae, mnist_small, TrainConfig(progress=False), data_config=DataConfig(validation=2000),
+                run_dir=tmp_path / "never")
+    assert not (tmp_path / "never").exists(), "refused before anything is written"
     with pytest.raises(ConfigError, match="data.validation"):
         Trainer(vae, mnist_small, TrainConfig(progress=False), run_dir=tmp_path, select=SelectConfig(metric="val_loss"))
     with pytest.raises(ConfigError, match="val_loss"):
@@ -78,12 +84,13 @@ def _aae_trainer(data, run_dir, callbacks=(), **kw):
 
 
 class Spoil(Callback):
-    """Blows the codes far off the prior at the last step, so the best weights are earlier ones."""
+    """Blows the codes far off the prior at a checked step (50), so the best weights are earlier
+    ones: the selector scores after the user's callbacks and must not keep these."""
 
     name = "spoil"
 
     def on_step_end(self, trainer, record):
-        if record["step"] == 54:
+        if record["step"] == 50:
             with torch.no_grad():
                 trainer.model.to_mean.weight.zero_()  # every code at (50, 50): as far from the prior as it gets
                 trainer.model.to_mean.bias.fill_(50.0)
@@ -92,8 +99,8 @@ class Spoil(Callback):
 def test_prior_mmd_selection_restores_saves_and_evaluates_the_best_weights(mnist_small, tmp_path):
     t = _aae_trainer(mnist_small, tmp_path / "r", [Spoil()])
     res = t.fit()
-    assert res.steps == 54 and res.selected["checks"][-1] == [54, pytest.approx(res.selected["checks"][-1][1])]
-    assert res.selected["best_step"] < 54
+    assert res.steps == 54 and res.selected["best_step"] < 50
+    assert dict(map(tuple, res.selected["checks"]))[50] > 1.0  # the spoiled codes were scored
     sel = t.selector
     assert sel is not None and res.selected is not None
     checks = res.selected["checks"]
@@ -154,3 +161,43 @@ def test_scoring_leaves_the_training_rng_alone_and_val_loss_is_the_mean_loss(mni
             parts = [vae.eval()(x[i: i + 1000]).loss * x[i: i + 1000].shape[0] for i in range(0, 250, 1000)]
     assert value == pytest.approx(float(sum(parts) / 250), rel=1e-5)
     assert sel.score(vae) == value, "each check sees the same draws"
+
+
+def test_a_non_finite_score_is_never_the_best(mnist_small, tmp_path):
+    model = _aae()
+    x = mnist_small.train.images[:200].float() / 255.0
+    t = Trainer(model, mnist_small, TrainConfig(progress=False), run_dir=tmp_path,
+                data_config=DataConfig(validation=200), monitor=MonitorConfig(enabled=False))
+    sel = BestModelSelector(SelectConfig(metric="prior_mmd", samples=200), x, mnist_small.train.labels[:200])
+    good = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        model.to_mean.bias.fill_(float("nan"))
+    t.state.step = 5
+    assert sel.check(t) != sel.check(t)  # NaN, first check
+    model.load_state_dict(good)
+    t.state.step = 10
+    finite = sel.check(t)
+    assert sel.best_step == 10 and sel.best_value == finite
+    with torch.no_grad():
+        model.to_mean.bias.fill_(float("inf"))
+    t.state.step = 15
+    sel.check(t)
+    assert sel.best_step == 10
+    assert sel.finish(t) and torch.equal(model.to_mean.bias, good["to_mean.bias"])
+
+
+def test_resume_refuses_another_split_and_the_code_prior_skips_validation(mnist_small, tmp_path):
+    from vaekit.cli.common import train_examples
+    from vaekit.errors import CheckpointError
+    from vaekit.training.run import train
+
+    base = [f"out_dir={tmp_path}", "name=x", "train.max_steps=2", "train.progress=false", "model.hidden_sizes=[16]",
+            "train.tensorboard=off", "data.validation=300"]
+    train(load_run_config(None, base), dataset=mnist_small)
+    with pytest.raises(CheckpointError, match="data.validation"):
+        train(load_run_config(None, [*base, "data.validation=200"]), dataset=mnist_small)
+    train(load_run_config(None, [*base, "data.validation=200"]), dataset=mnist_small, resume=False)  # afresh: fine
+    rest, held = mnist_small.train.split_off(200, 0)
+    seen = train_examples(mnist_small, {"validation": 200, "validation_seed": 0})
+    assert torch.equal(seen.images, rest.images) and len(seen) == 1800
+    assert len(train_examples(mnist_small, {"train_subset": 500})) == 500

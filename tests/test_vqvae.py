@@ -137,6 +137,8 @@ def test_quantizer_runs_in_float32_under_bf16_autocast():
             q = vq(zb)
         assert vq.codebook.dtype == torch.float32 and q.z_q.dtype == torch.float32
         assert q.counts.sum().item() == 600 and q.counts.dtype == torch.float32  # exact counts
+    vq64 = VectorQuantizer(6, 4).double().train()  # a model cast to float64 keeps its dtype
+    assert vq64(z.double()).z_q.dtype == torch.float64
     torch.manual_seed(0)
     model = VQVAE(VQVAEConfig(**SMALL, kmeans_init=True, kmeans_iters=2, dead_code_steps=1)).train()
     x = _x(8)

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from vaekit.data import load_dataset
-from vaekit.data.dataset import ImageDataset
+from vaekit.data.dataset import ImageDataset, ImageSplit
 from vaekit.errors import ModelFormatError
 from vaekit.models.base import BaseModel, load_model, read_model_doc
 
@@ -40,6 +40,16 @@ def data_for(meta: dict[str, Any], dataset: str | None, data_dir: str | None) ->
     data_cfg["dataset"] = name
     ds = load_dataset(name, data_dir=data_dir or data_cfg.get("data_dir"), sources=data_cfg.get("sources"))
     return ds, data_cfg
+
+
+def train_examples(ds: ImageDataset, data_cfg: dict[str, Any]) -> ImageSplit:
+    """The training examples a model saw: ``train_subset`` of the train split, less its
+    ``validation`` hold-out (models saved before the hold-out existed have none)."""
+    from vaekit.training.config import DataConfig  # local import: cli.common stays light for the other commands
+
+    dc = DataConfig(train_subset=data_cfg.get("train_subset"), validation=data_cfg.get("validation") or 0,
+                    validation_seed=data_cfg.get("validation_seed", 0))
+    return dc.train_splits(ds.train)[0]
 
 
 def print_table(rows: list[tuple[str, Any]], title: str | None = None) -> None:

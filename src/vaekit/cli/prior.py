@@ -7,7 +7,7 @@ import json
 
 import torch
 
-from vaekit.cli.common import data_for, open_model, print_table, resolve_model
+from vaekit.cli.common import data_for, open_model, print_table, resolve_model, train_examples
 from vaekit.errors import InputError
 from vaekit.models.vqvae import VQVAE
 from vaekit.models.vqvae_prior import train_code_prior
@@ -36,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
     ds, data_cfg = data_for(meta, None, args.data_dir)
     torch.manual_seed(args.seed)
     hist = train_code_prior(
-        model, ds.train.subset(data_cfg.get("train_subset")), test=ds.test.subset(data_cfg.get("test_subset")),
+        model, train_examples(ds, data_cfg), test=ds.test.subset(data_cfg.get("test_subset")),
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
         binarize=data_cfg.get("binarize", "none"), max_steps=args.max_steps,
         log=lambda r: print(", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in r.items())))

@@ -46,16 +46,17 @@ class ImageSplit:
         return ImageSplit(self.images[:n], self.labels[:n])
 
     def split_off(self, n: int, seed: int = 0) -> tuple[ImageSplit, ImageSplit]:
-        """(rest, held): ``n`` examples drawn uniformly at random (seeded) and the others, each in
-        their original order. A uniform draw, not the last ``n``: MNIST's splits are ordered by
-        writer group, so a tail is a biased sample."""
+        """(rest, held): ``n`` examples drawn uniformly at random (seeded), in the order drawn, so
+        any prefix of ``held`` is a uniform sample too; ``rest`` keeps the original order. A uniform
+        draw, not the last ``n``: MNIST's splits are ordered by writer group, so a tail is biased."""
         if not isinstance(n, int) or isinstance(n, bool) or not 0 < n < len(self):
             raise InputError(f"a held-out part must have 1 to {len(self) - 1} examples (the split has "
                              f"{len(self)}), got {n!r}")
+        pick = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))[:n]
         held = torch.zeros(len(self), dtype=torch.bool)
-        held[torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))[:n]] = True
+        held[pick] = True
         return (ImageSplit(self.images[~held], self.labels[~held]),
-                ImageSplit(self.images[held], self.labels[held]))
+                ImageSplit(self.images[pick], self.labels[pick]))
 
 
 @dataclass

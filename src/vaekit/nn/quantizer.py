@@ -144,13 +144,14 @@ class VectorQuantizer(nn.Module):
     def forward(self, z: torch.Tensor) -> Quantized:
         """Quantize rows of z (N, D). In training mode also update the codebook state (after lookup).
 
-        Runs in float32 whatever the autocast context (z is cast up; gradients flow back through the
-        cast): under bf16 the EMA statistics would round (bf16 holds integers exactly only to 256)
-        and restarted or k-means codes could not be written into the float32 codebook."""
+        Runs in the codebook's dtype (float32 unless the model was cast) whatever the autocast
+        context (z is cast; gradients flow back through the cast): under bf16 the EMA statistics
+        would round (bf16 holds integers exactly only to 256) and restarted or k-means codes could
+        not be written into the float32 codebook."""
         if z.ndim != 2 or z.shape[1] != self.code_dim:
             raise InputError(f"vectors to quantize must have shape (N, {self.code_dim}), got {tuple(z.shape)}")
         with torch.autocast(z.device.type, enabled=False):
-            return self._quantize(z.float())
+            return self._quantize(z.to(self.codebook.dtype))
 
     def _quantize(self, z: torch.Tensor) -> Quantized:
         if self.training and not bool(self.initialized):

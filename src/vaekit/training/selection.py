@@ -12,7 +12,12 @@ final test evaluation and before the model is saved. Metrics (``select.metric``)
   (:func:`vaekit.objectives.mmd.mmd_rbf`); lower is closer. Needs a model with ``encode`` and
   ``sample_prior`` (the AAE).
 * ``val_loss``: the model's own loss averaged over the validation images (for a VAE, -ELBO
-  under its beta); lower is better. Works for every family.
+  under its beta); lower is better. Works for every family, but for the AAE the loss includes
+  the generator's loss against the current discriminator, a moving target: use ``prior_mmd``.
+
+Checks run after the user's callbacks of the same step (they see the weights that step ends
+with) and under a forked RNG. Under DDP rank 0 scores and broadcasts the value, so every rank
+keeps and restores the same weights. A non-finite score never counts as the best.
 
 The best weights live in this callback's state, so they travel in every checkpoint and a resumed
 run selects exactly as an uninterrupted one would. They double the size of a checkpoint.
@@ -20,6 +25,7 @@ run selects exactly as an uninterrupted one would. They double the size of a che
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -28,6 +34,7 @@ import torch
 from vaekit.errors import ConfigError, check_choice, check_positive
 from vaekit.evaluation.elbo import evaluate_elbo
 from vaekit.objectives.mmd import mmd_rbf
+from vaekit.training import distributed as D
 from vaekit.training.callbacks import Callback
 
 if TYPE_CHECKING:
@@ -65,6 +72,11 @@ class SelectConfig:
     @property
     def enabled(self) -> bool:
         return self.metric != "none"
+
+
+def _rank(value: float) -> float:
+    """Sort key of a score: lower is better, and NaN or inf is worst."""
+    return value if math.isfinite(value) else math.inf
 
 
 def check_selectable(model: BaseModel, config: SelectConfig) -> None:
@@ -123,13 +135,15 @@ class BestModelSelector(Callback):
         devices = [model.device] if model.device.type == "cuda" else []
         try:
             with torch.random.fork_rng(devices=devices):
-                torch.manual_seed(self.config.seed)
                 if self.config.metric == "prior_mmd":
+                    torch.manual_seed(self.config.seed)  # a custom prior sampler draws from the global stream
                     prior, bws = self._prior_and_kernel(model)
+                    torch.manual_seed(self.config.seed)  # the same code draws at every check, first or not
                     codes = torch.cat([model.encode(self.x[i: i + 1000]).rsample()
                                        for i in range(0, self.x.shape[0], 1000)])
                     value = mmd_rbf(codes.double().cpu(), prior, bws)
                 else:
+                    torch.manual_seed(self.config.seed)
                     batches = ((self.x[i: i + 1000], self.y[i: i + 1000]) for i in range(0, self.x.shape[0], 1000))
                     value = float(evaluate_elbo(model, batches, seed=self.config.seed)["loss"])
         finally:
@@ -137,12 +151,13 @@ class BestModelSelector(Callback):
         return value
 
     def check(self, trainer: Trainer) -> float:
-        """Score now; keep the weights when they are the best so far."""
+        """Score now (rank 0, broadcast to the others); keep the weights when they are the best so far."""
         step = trainer.state.step
-        value = self.score(trainer.model)
+        value = self.score(trainer.model) if trainer.dist.is_main else None
+        value = float(D.broadcast_object(value, trainer.dist))
         self.checked_at = step
         self.history.append((step, value))
-        if self.best_value is None or value < self.best_value:
+        if self.best_value is None or _rank(value) < _rank(self.best_value):
             self.best_value, self.best_step = value, step
             self.best_weights = {k: v.detach().cpu().clone() for k, v in trainer.model.state_dict().items()}
         return value
@@ -163,11 +178,12 @@ class BestModelSelector(Callback):
     def finish(self, trainer: Trainer) -> bool:
         """Score the final weights too, then load the best ones into the model.
 
-        Returns True when the model's weights changed (the best came before the last step)."""
+        Returns True when that changed the model's weights."""
         if self.checked_at != trainer.state.step:
             self.check(trainer)
         assert self.best_weights is not None and self.best_value is not None
-        changed = self.best_step != trainer.state.step
+        current = trainer.model.state_dict()
+        changed = any(not torch.equal(v.detach().cpu(), self.best_weights[k]) for k, v in current.items())
         if changed:
             trainer.model.load_state_dict(self.best_weights)
         trainer.log_record({"type": "event", "step": trainer.state.step, "event": "select",

@@ -146,6 +146,10 @@ class Trainer:
                               f"set data.validation to the number of training examples to hold out (e.g. 5000)")
         if self.select_config.enabled:
             check_selectable(model, self.select_config)
+        n_train = len(dataset.train.subset(self.data_config.train_subset))
+        if self.data_config.validation >= n_train:
+            raise ConfigError(f"data.validation ({self.data_config.validation}) must be smaller than the training "
+                              f"split ({n_train} examples)")
         self.selector: BestModelSelector | None = None
         self.kl_controller: KLController | None = None
         self.monitor: CollapseMonitor | None = None
@@ -178,17 +182,25 @@ class Trainer:
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return nullcontext()
 
-    def _write_run_config(self) -> None:
+    def _write_run_config(self, resume: bool) -> None:
+        """Save the resolved config; a resumed run must match the saved one's model and data split."""
         if self.run_config is None:
             return
         path = self.run_dir / "config.json"
         new = self.run_config.to_dict()
-        if path.is_file():
+        if resume and path.is_file():
             old = json.loads(path.read_text())
             if old.get("model") != new["model"]:
                 raise CheckpointError(
                     f"{self.run_dir} holds a run with a different model config; choose another name "
                     f"(--set name=...) or start afresh (--no-resume)")
+            split_keys = ("dataset", "train_subset", "validation", "validation_seed")
+            old_data, new_data = old.get("data") or {}, new.get("data") or {}
+            changed = [k for k in split_keys if k in old_data and old_data.get(k) != new_data.get(k)]
+            if changed:
+                raise CheckpointError(
+                    f"{self.run_dir} holds a run trained on a different split (data.{', data.'.join(changed)} "
+                    f"changed); choose another name (--set name=...) or start afresh (--no-resume)")
         from vaekit.atomic import atomic_write_bytes  # local import: keeps the module graph flat
 
         atomic_write_bytes(path, (json.dumps(new, indent=2) + "\n").encode())
@@ -311,7 +323,7 @@ class Trainer:
             torch.set_num_threads(cfg.threads)
         if info.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            self._write_run_config()
+            self._write_run_config(resume)
         D.barrier(info)
         model = self.model.to(self.device).train()
         train_split, self.validation_split = dc.train_splits(self.dataset.train)
@@ -514,15 +526,16 @@ class Trainer:
         elif mc.enabled and mc.on_collapse != "warn":
             raise ConfigError(f"monitor.on_collapse={mc.on_collapse!r} needs a model with a Gaussian posterior; "
                               f"{model.family!r} has none (set monitor.enabled=false)")
+        last: list[Callback] = []
         if self.select_config.enabled:
             val = self.validation_split
             assert val is not None  # __init__ checked data.validation
-            n = min(self.select_config.samples, len(val))
+            n = min(self.select_config.samples, len(val))  # a prefix of the held-out draw: uniform too
             seed = mix_seed(self.data_config.binarize_seed, 0x5E)
             x, y = next(eval_loader(val.subset(n), n, self.data_config.binarize, seed, self.device).epoch(0))
             self.selector = BestModelSelector(self.select_config, x, y)
-            internal.append(self.selector)
-        self.callbacks = internal + self.user_callbacks
+            last.append(self.selector)  # after the user's callbacks: it scores the weights a step ends with
+        self.callbacks = internal + self.user_callbacks + last
 
     def log_record(self, record: dict[str, Any]) -> None:
         """Write a record to the metrics log (rank 0; others ignore it)."""
