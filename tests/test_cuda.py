@@ -10,7 +10,7 @@ from test_models import VARIANTS
 from vaekit.data import ImageDataset
 from vaekit.evaluation.nll import nll
 from vaekit.models import AAEConfig, VAEConfig, build_model, load_model
-from vaekit.training import DataConfig, TrainConfig, Trainer
+from vaekit.training import Callback, DataConfig, TrainConfig, Trainer
 from vaekit.training.monitors import MonitorConfig
 from vaekit.training.selection import SelectConfig
 
@@ -74,12 +74,22 @@ def test_resume_on_the_gpu_continues_the_uninterrupted_run(mnist_gpu, tmp_path):
 def test_prior_mmd_selection_on_the_gpu(mnist_gpu, tmp_path):
     torch.manual_seed(0)
     model = build_model(AAEConfig(latent_dim=2, prior="mixture", hidden_sizes=(128,), disc_hidden=(64,)))
-    t = Trainer(model, mnist_gpu, _tc(epochs=3, max_steps=30), run_dir=tmp_path,
+
+    class Spoil(Callback):  # codes far off the prior from step 20 on: the weights of step 10 must come back
+        name = "spoil"
+
+        def on_step_end(self, trainer, record):
+            if record["step"] == 20:
+                with torch.no_grad():
+                    trainer.model.to_mean.bias.fill_(50.0)
+
+    t = Trainer(model, mnist_gpu, _tc(epochs=3, max_steps=30), run_dir=tmp_path, callbacks=[Spoil()],
                 data_config=DataConfig(validation=256), monitor=MonitorConfig(enabled=False),
                 select=SelectConfig(metric="prior_mmd", every_steps=10, samples=256))
     res = t.fit()
     assert [s for s, _ in res.selected["checks"]] == [10, 20, 30]
-    assert res.selected["best_value"] == min(v for _, v in res.selected["checks"])
+    assert res.selected["best_step"] == 10 and next(model.parameters()).is_cuda
+    assert float(model.to_mean.bias.detach().abs().max()) < 10
     assert t.selector.score(model) == pytest.approx(res.selected["best_value"], abs=1e-9)
 
 
