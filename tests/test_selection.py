@@ -196,7 +196,8 @@ def test_resume_refuses_another_split_and_the_code_prior_skips_validation(mnist_
     train(load_run_config(None, base), dataset=mnist_small)
     with pytest.raises(CheckpointError, match="data.validation"):
         train(load_run_config(None, [*base, "data.validation=200"]), dataset=mnist_small)
-    train(load_run_config(None, [*base, "data.validation=200"]), dataset=mnist_small, resume=False)  # afresh: fine
+    with pytest.warns(UserWarning, match="afresh"):  # afresh: fine
+        train(load_run_config(None, [*base, "data.validation=200"]), dataset=mnist_small, resume=False)
     rest, held = mnist_small.train.split_off(200, 0)
     seen = train_examples(mnist_small, {"validation": 200, "validation_seed": 0})
     assert torch.equal(seen.images, rest.images) and len(seen) == 1800

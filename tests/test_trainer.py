@@ -138,3 +138,16 @@ def test_step_records_hold_loss_terms_and_throughput(mnist_small, tmp_path):
     for key in ("loss", "recon", "kl", "lr", "samples_per_s", "step", "epoch"):
         assert key in rec
     assert rec["loss"] == pytest.approx(rec["recon"] + rec["kl"], rel=1e-5)
+
+
+def test_starting_afresh_sets_the_old_checkpoints_aside(mnist_small, tmp_path):
+    """--no-resume over an older, longer run: a later resume must continue the new run, not the old."""
+    _trainer(mnist_small, tmp_path, max_steps=20).fit()
+    with pytest.warns(UserWarning, match="checkpoints.previous"):
+        fresh = _trainer(mnist_small, tmp_path, max_steps=10).fit(resume=False)
+    assert fresh.steps == 10
+    steps = [s for s, _ in list_checkpoints(tmp_path / "checkpoints")]
+    assert max(steps) == 10, steps
+    assert 20 in [s for s, _ in list_checkpoints(tmp_path / "checkpoints.previous")]
+    again = _trainer(mnist_small, tmp_path, max_steps=12).fit()
+    assert again.resumed_from.endswith("step-000000010.pt") and again.steps == 12

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 import warnings
 from collections.abc import Sequence
@@ -264,6 +265,19 @@ class Trainer:
         out["latent_step"] = latest["step"] if latest else None
         return out
 
+    def _set_aside_checkpoints(self) -> None:
+        """Starting afresh in a folder that holds checkpoints: move them to ``checkpoints.previous``
+        (replacing an older one). Left in place, a later resume would continue the older run from
+        its newest checkpoint, and pruning would keep its files over the new run's."""
+        if not self.checkpoint_dir.is_dir() or not any(self.checkpoint_dir.iterdir()):
+            return
+        previous = self.run_dir / "checkpoints.previous"
+        if previous.exists():
+            shutil.rmtree(previous)
+        self.checkpoint_dir.rename(previous)
+        warnings.warn(f"starting afresh: the earlier checkpoints of {self.run_dir} were moved to {previous}",
+                      stacklevel=3)
+
     def _resume(self) -> str | None:
         found = latest_checkpoint(self.checkpoint_dir)
         if found is None:
@@ -344,6 +358,8 @@ class Trainer:
         self._setup_dynamics(model, total, steps_per_epoch)
         torch.manual_seed(mix_seed(cfg.seed, info.rank, 0xA0))
         if info.is_main:
+            if not resume:
+                self._set_aside_checkpoints()
             self.history = CheckpointHistory(self.checkpoint_dir, cfg.keep_history)
         resumed = self._resume() if resume else None
         if info.is_main:
