@@ -50,3 +50,15 @@ def test_two_process_ddp_matches_single_process_and_resumes(tmp_path):
     assert events[0]["world_size"] == 2 and events[-1]["event"] == "resume"
     first_single = read_metrics(tmp_path / "single" / "metrics.jsonl", "train")[0]["loss"]
     assert abs(train[0]["loss"] - first_single) / first_single < 0.01, "step-1 loss is the global-batch mean"
+
+
+def test_model_selection_under_ddp_agrees_across_ranks(tmp_path):
+    """Rank 0 scores and broadcasts: every rank restores the same weights, and the run ends (a
+    disagreement would leave the ranks waiting at different barriers)."""
+    proc = _run([*COMMON, f"out_dir={tmp_path}", "name=sel", "data.validation=500", "select.metric=val_loss",
+                 "select.every_steps=10", "select.samples=500"], nproc=2)
+    assert "selected: the weights of step" in proc.stdout
+    meta = json.loads((tmp_path / "sel" / "model" / "config.json").read_text())["metadata"]["selected"]
+    steps = [r["step"] for r in read_metrics(tmp_path / "sel" / "metrics.jsonl", "train") if "select_val_loss" in r]
+    assert steps == [10, 20, 30, 40, 50] and meta["metric"] == "val_loss"  # 1,548 examples: 2 x 25 steps
+    assert meta["best_step"] in steps
