@@ -276,7 +276,7 @@ class Trainer:
             shutil.rmtree(previous)
         self.checkpoint_dir.rename(previous)
         warnings.warn(f"starting afresh: the earlier checkpoints of {self.run_dir} were moved to {previous}",
-                      stacklevel=3)
+                      stacklevel=4)
 
     def _resume(self) -> str | None:
         found = latest_checkpoint(self.checkpoint_dir)
