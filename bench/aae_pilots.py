@@ -26,8 +26,7 @@ from common import RESULTS, print_table, write_results  # noqa: E402
 
 from vaekit.data import load_dataset  # noqa: E402
 from vaekit.data.dataset import to_unit_float  # noqa: E402
-from vaekit.models import AAEConfig, build_model  # noqa: E402
-from vaekit.training.checkpoint import latest_checkpoint  # noqa: E402
+from vaekit.models import AAEConfig  # noqa: E402
 from vaekit.training.config import DataConfig  # noqa: E402
 
 BASE = {"latent_dim": 2, "prior": "mixture", "disc_steps": 3}
@@ -59,14 +58,11 @@ def main() -> None:
                               seconds=args.seconds, batch_size=args.batch, seed=args.seed, select=F.AAE_SELECT)
     x, y = to_unit_float(data.test.images), data.test.labels
     figs = F.aae_figures(model.eval(), x, y, args, f"aae_pilot_{key}.png")
-    payload, _ = latest_checkpoint(run_dir / "checkpoints")
-    last = build_model(cfg)
-    last.load_state_dict(payload["model"])
-    last_figs = F.aae_figures(last.eval(), x, y, args, f"aae_pilot_{key}_last.png")
+    last = F.last_weights_figures(run_dir, cfg, x, y, args, f"aae_pilot_{key}_last.png")
     entry = {"variant": args.variant, "config": VARIANTS[args.variant], "seed": args.seed, "batch": args.batch,
              "seconds": args.seconds, **info,
              **{k: v for k, v in figs.items() if k.startswith(("mmd_codes", "mode", "within", "class", "scatter"))},
-             "last": {k: v for k, v in last_figs.items() if k in ("mmd_codes_vs_prior", "within_3std", "scatter_png")}}
+             "last": last}
     path = RESULTS / "aae_pilots.json"
     runs = json.loads(path.read_text()).get("runs", {}) if path.is_file() else {}
     runs[key] = entry
@@ -75,7 +71,7 @@ def main() -> None:
     checks = [v for _, v in info["selected"]["checks"]]
     print_table(["run", "steps", "selected step", "test MMD^2 selected", "test MMD^2 last", "held-out min", "max"],
                 [[key, info["steps"], info["selected"]["best_step"], figs["mmd_codes_vs_prior"],
-                  last_figs["mmd_codes_vs_prior"], min(checks), max(checks)]])
+                  last["mmd_codes_vs_prior"] if last else "-", min(checks), max(checks)]])
 
 
 if __name__ == "__main__":

@@ -391,6 +391,21 @@ def mode_figures(codes: torch.Tensor, y: torch.Tensor, means: torch.Tensor, std:
             "class_mode_purity": sum(per_class) / len(per_class)}
 
 
+def last_weights_figures(run_dir: Path, cfg: Any, x: torch.Tensor, y: torch.Tensor, args,
+                         png_name: str) -> dict[str, Any] | None:
+    """The AAE figures of a run's last weights (its newest checkpoint: before model selection put
+    the best ones back), with their step; None when the run kept no checkpoint."""
+    found = latest_checkpoint(run_dir / "checkpoints")
+    if found is None:
+        return None
+    last = build_model(cfg)
+    last.load_state_dict(found[0]["model"])
+    lf = aae_figures(last.eval(), x, y, args, png_name)
+    keys = ("mmd_codes_vs_prior", "within_1std", "within_3std", "mode_mass", "mode_mass_tv", "class_mode_purity",
+            "scatter_png")
+    return {"step": found[0]["step"], **{k: lf[k] for k in keys}}
+
+
 def _mean_std(values: list[float]) -> dict[str, float]:
     v = torch.tensor(values, dtype=torch.float64)
     return {"mean": float(v.mean()), "std": float(v.std()) if len(v) > 1 else 0.0, "n": len(values)}
@@ -430,14 +445,9 @@ def aae_section(args) -> dict[str, Any]:
         r = {**info, "seed": seed, "recon_mse": recon_mse(model, x, y),
              "test": {k: v for k, v in evaluate_elbo(model, loader).items() if k != "kl_per_dim"},
              **aae_figures(model, x, y, args, f"aae_codes_{name}.png")}
-        found = latest_checkpoint(run_dir / "checkpoints")  # the last weights, before selection
-        if found is not None:
-            last = build_model(cfg)
-            last.load_state_dict(found[0]["model"])
-            lf = aae_figures(last.eval(), x, y, args, f"aae_codes_{name}_last.png")
-            r["last"] = {"step": found[0]["step"], **{k: lf[k] for k in (
-                "mmd_codes_vs_prior", "within_1std", "within_3std", "mode_mass", "mode_mass_tv", "class_mode_purity",
-                "scatter_png")}}
+        last = last_weights_figures(run_dir, cfg, x, y, args, f"aae_codes_{name}_last.png")
+        if last is not None:
+            r["last"] = last
         print(json.dumps({k: v for k, v in r.items() if k != "selected"}, default=str)[:600], flush=True)
         out["runs"][name] = r
     seeds = [r for n, r in out["runs"].items() if n.startswith("s")]
@@ -524,10 +534,7 @@ def dsprites_section(args) -> dict[str, Any]:
                                     seconds=args.dsprites_budget_s, batch_size=256, seed=seed)
             per_seed.append({**info, **mig_scores(model, args)})
             print(per_seed[-1], flush=True)
-        summary = {}
-        for key in per_seed[0]:
-            vals = torch.tensor([float(s[key]) for s in per_seed], dtype=torch.float64)
-            summary[key] = {"mean": float(vals.mean()), "std": float(vals.std()) if len(vals) > 1 else 0.0}
+        summary = {key: _mean_std([float(s[key]) for s in per_seed]) for key in per_seed[0]}
         out["runs"][name] = {"per_seed": per_seed, "summary": summary}
     return out
 

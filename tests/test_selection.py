@@ -46,8 +46,8 @@ def test_config_errors_name_the_setting():
         SelectConfig(samples=1)
     with pytest.raises(ConfigError, match="select.bandwidths"):
         SelectConfig(bandwidths=(1.0, -2.0))
-    with pytest.raises(ConfigError, match="data.validation"):
-        DataConfig(train_subset=100, validation=100)
+    with pytest.raises(ConfigError, match=r"data.validation \(50\).*\(50 examples after data.train_subset"):
+        DataConfig(train_subset=50, validation=50).train_splits(_split())
     with pytest.raises(ConfigError, match="data.validation"):
         DataConfig(validation=-1)
     with pytest.raises(ConfigError, match="data.validation"):

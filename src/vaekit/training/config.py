@@ -53,19 +53,22 @@ class DataConfig:
                 check_positive(f"data.{name}", value, integer=True)
         check_positive("data.validation", self.validation, allow_zero=True, integer=True)
         check_positive("data.validation_seed", self.validation_seed, allow_zero=True, integer=True)
-        if self.validation and self.train_subset is not None and self.validation >= self.train_subset:
-            raise ConfigError(f"data.validation ({self.validation}) must be smaller than data.train_subset "
-                              f"({self.train_subset}): some examples must be left to train on")
+
+    def check_validation(self, train: ImageSplit) -> ImageSplit:
+        """``train_subset`` of a dataset's train split; ConfigError when ``validation`` would leave
+        nothing to train on."""
+        train = train.subset(self.train_subset)
+        if self.validation >= len(train):
+            raise ConfigError(f"data.validation ({self.validation}) must be smaller than the training split "
+                              f"({len(train)} examples{' after data.train_subset' if self.train_subset else ''})")
+        return train
 
     def train_splits(self, train: ImageSplit) -> tuple[ImageSplit, ImageSplit | None]:
         """(training examples, validation examples or None) of a dataset's train split under
         ``train_subset`` and ``validation``."""
-        train = train.subset(self.train_subset)
+        train = self.check_validation(train)
         if not self.validation:
             return train, None
-        if self.validation >= len(train):
-            raise ConfigError(f"data.validation ({self.validation}) must be smaller than the training split "
-                              f"({len(train)} examples)")
         return train.split_off(self.validation, self.validation_seed)
 
 

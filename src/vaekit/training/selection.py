@@ -135,15 +135,14 @@ class BestModelSelector(Callback):
         devices = [model.device] if model.device.type == "cuda" else []
         try:
             with torch.random.fork_rng(devices=devices):
+                torch.manual_seed(self.config.seed)
                 if self.config.metric == "prior_mmd":
-                    torch.manual_seed(self.config.seed)  # a custom prior sampler draws from the global stream
-                    prior, bws = self._prior_and_kernel(model)
-                    torch.manual_seed(self.config.seed)  # the same code draws at every check, first or not
+                    prior, bws = self._prior_and_kernel(model)  # a custom sampler draws from the global stream,
+                    torch.manual_seed(self.config.seed)  # so re-seed: the same code draws at every check
                     codes = torch.cat([model.encode(self.x[i: i + 1000]).rsample()
                                        for i in range(0, self.x.shape[0], 1000)])
                     value = mmd_rbf(codes.double().cpu(), prior, bws)
                 else:
-                    torch.manual_seed(self.config.seed)
                     batches = ((self.x[i: i + 1000], self.y[i: i + 1000]) for i in range(0, self.x.shape[0], 1000))
                     value = float(evaluate_elbo(model, batches, seed=self.config.seed)["loss"])
         finally:

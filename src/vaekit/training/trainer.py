@@ -147,10 +147,7 @@ class Trainer:
                               f"set data.validation to the number of training examples to hold out (e.g. 5000)")
         if self.select_config.enabled:
             check_selectable(model, self.select_config)
-        n_train = len(dataset.train.subset(self.data_config.train_subset))
-        if self.data_config.validation >= n_train:
-            raise ConfigError(f"data.validation ({self.data_config.validation}) must be smaller than the training "
-                              f"split ({n_train} examples)")
+        self.data_config.check_validation(dataset.train)  # before anything is written
         self.selector: BestModelSelector | None = None
         self.kl_controller: KLController | None = None
         self.monitor: CollapseMonitor | None = None
@@ -171,7 +168,6 @@ class Trainer:
         self._last_eval: dict[str, Any] | None = None
         self._recent_kl: list[float] = []
         self.history: CheckpointHistory | None = None
-        self.validation_split: ImageSplit | None = None  # data.validation held-out examples
 
     # -- set-up ----------------------------------------------------------------------------------
     @property
@@ -340,7 +336,7 @@ class Trainer:
             self._write_run_config(resume)
         D.barrier(info)
         model = self.model.to(self.device).train()
-        train_split, self.validation_split = dc.train_splits(self.dataset.train)
+        train_split, validation = dc.train_splits(self.dataset.train)
         loader = BatchLoader(train_split, cfg.batch_size, shuffle=True, binarize=dc.binarize,
                              seed=mix_seed(cfg.seed, dc.binarize_seed), drop_last=cfg.drop_last,
                              rank=info.rank, world_size=info.world_size, device=self.device)
@@ -355,7 +351,7 @@ class Trainer:
         total = cfg.epochs * steps_per_epoch
         if cfg.max_steps is not None:
             total = min(total, cfg.max_steps)
-        self._setup_dynamics(model, total, steps_per_epoch)
+        self._setup_dynamics(model, total, steps_per_epoch, validation)
         torch.manual_seed(mix_seed(cfg.seed, info.rank, 0xA0))
         if info.is_main:
             if not resume:
@@ -522,8 +518,10 @@ class Trainer:
         return values
 
     # -- training dynamics: KL control and collapse monitors ------------------------------------------
-    def _setup_dynamics(self, model: BaseModel, total: int, steps_per_epoch: int) -> None:
-        """Create the KL controller and the collapse monitor (internal callbacks, checkpointed)."""
+    def _setup_dynamics(self, model: BaseModel, total: int, steps_per_epoch: int,
+                        validation: ImageSplit | None) -> None:
+        """Create the KL controller, the collapse monitor and the model selector (internal callbacks,
+        checkpointed); the selector scores on ``validation``."""
         internal: list[Callback] = []
         if model.supports_kl_control:
             beta = float(getattr(model.config, "beta", 1.0))
@@ -544,11 +542,10 @@ class Trainer:
                               f"{model.family!r} has none (set monitor.enabled=false)")
         last: list[Callback] = []
         if self.select_config.enabled:
-            val = self.validation_split
-            assert val is not None  # __init__ checked data.validation
-            n = min(self.select_config.samples, len(val))  # a prefix of the held-out draw: uniform too
+            assert validation is not None  # __init__ checked data.validation
+            n = min(self.select_config.samples, len(validation))  # a prefix of the held-out draw: uniform too
             seed = mix_seed(self.data_config.binarize_seed, 0x5E)
-            x, y = next(eval_loader(val.subset(n), n, self.data_config.binarize, seed, self.device).epoch(0))
+            x, y = next(eval_loader(validation.subset(n), n, self.data_config.binarize, seed, self.device).epoch(0))
             self.selector = BestModelSelector(self.select_config, x, y)
             last.append(self.selector)  # after the user's callbacks: it scores the weights a step ends with
         self.callbacks = internal + self.user_callbacks + last
