@@ -10,7 +10,7 @@ from vaekit.cli.main import main
 from vaekit.data import ImageDataset
 from vaekit.errors import ConfigError
 from vaekit.evaluation.report import EvalConfig, evaluate_model
-from vaekit.models import VAE, PixelVAE, PixelVAEConfig, VAEConfig
+from vaekit.models import AAE, VAE, AAEConfig, PixelVAE, PixelVAEConfig, VAEConfig
 
 
 @pytest.fixture(scope="module")
@@ -70,13 +70,10 @@ def test_cli_evaluate_writes_a_report(tmp_path, capsys, mnist):
     assert main(["evaluate", str(tmp_path / "m"), "--metrics", "elbo,bogus"]) == 2
 
 
-def test_nll_is_skipped_with_the_reason_for_a_model_without_a_probabilistic_posterior(small, tmp_path):
-    class Deterministic(VAE):
-        def encode(self, x):
-            return super().encode(x).mean  # a plain tensor, like a VQ-VAE's codes
-
+def test_nll_and_latent_parts_are_skipped_with_the_reason_for_a_model_declaring_no_elbo(small, tmp_path):
     torch.manual_seed(0)
-    model = Deterministic(VAEConfig(latent_dim=2, hidden_sizes=(8,)))
+    model = AAE(AAEConfig(encoder="deterministic", latent_dim=2, hidden_sizes=(8,)))
+    assert not model.defines_elbo and not model.gaussian_posterior  # declared, not probed
     rep = evaluate_model(model, small, tmp_path, EvalConfig(metrics=("nll", "latent"), batch_size=100))
-    assert "no rsample, log_prob" in rep["metrics"]["nll"]["skipped"]
-    assert "mean/logvar" in rep["metrics"]["latent"]["skipped"]
+    assert "defines no ELBO" in rep["metrics"]["nll"]["skipped"]
+    assert "no Gaussian posterior" in rep["metrics"]["latent"]["skipped"]
