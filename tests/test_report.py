@@ -77,3 +77,25 @@ def test_nll_and_latent_parts_are_skipped_with_the_reason_for_a_model_declaring_
     rep = evaluate_model(model, small, tmp_path, EvalConfig(metrics=("nll", "latent"), batch_size=100))
     assert "defines no ELBO" in rep["metrics"]["nll"]["skipped"]
     assert "no Gaussian posterior" in rep["metrics"]["latent"]["skipped"]
+
+
+def test_cli_evaluate_exit_code_and_output_place(tmp_path, capsys, mnist):
+    """Non-zero when nothing requested could run (MIG on an MNIST model), with the reason; the report goes
+    where -o says, and by default never into the model folder."""
+    torch.manual_seed(0)
+    model_dir = tmp_path / "m"
+    VAE(VAEConfig(latent_dim=2, hidden_sizes=(16,))).save(model_dir, metadata={"data": {"binarize": "dynamic"}})
+    before = sorted(p.name for p in model_dir.iterdir())
+    assert main(["evaluate", str(model_dir), "--metrics", "mig", "--examples", "50"]) == 1
+    err = capsys.readouterr().err
+    assert "none of the requested metrics could run" in err and "dsprites" in err
+    assert sorted(p.name for p in model_dir.iterdir()) == before  # nothing written into the model folder
+    assert (tmp_path / "m-report" / "report.json").is_file()
+    # one metric runs, one is skipped: success
+    assert main(["evaluate", str(model_dir), "--metrics", "elbo,mig", "--examples", "50"]) == 0
+    out = tmp_path / "elsewhere" / "res.json"
+    assert main(["evaluate", str(model_dir), "--metrics", "elbo", "--examples", "50", "-o", str(out)]) == 0
+    assert json.loads(out.read_text())["metrics"]["elbo"]["n"] == 50 and (out.parent / "res.md").is_file()
+    assert main(["evaluate", str(model_dir), "--metrics", "elbo", "-o", str(tmp_path / "x.txt")]) == 2
+    assert "-o must name a .json file" in capsys.readouterr().err
+    assert sorted(p.name for p in model_dir.iterdir()) == before

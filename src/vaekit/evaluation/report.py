@@ -236,12 +236,13 @@ def evaluate_model(
     binarize: str = "none",
     name: str = "",
     progress: bool = False,
+    stem: str = "report",
 ) -> dict[str, Any]:
     """Run ``config.metrics`` on ``model`` over ``dataset``'s test split; write the report into ``out_dir``.
 
     ``binarize`` is how test images are served (``none``, or ``dynamic``/``static``, which both
     mean one fixed Bernoulli draw from ``config.seed``): use the model's training setting.
-    Returns the report dictionary (also written to ``out_dir/report.json``).
+    Returns the report dictionary (also written to ``out_dir/<stem>.json`` and ``<stem>.md``).
     """
     config = config or EvalConfig()
     if not isinstance(dataset, ImageDataset):
@@ -272,8 +273,8 @@ def evaluate_model(
         "machine": {"python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads(),
                     "cpu_count": os.cpu_count(), "device": str(model.device)},
     }
-    atomic_write_bytes(out / "report.json", (json.dumps(report, indent=2) + "\n").encode())
-    atomic_write_bytes(out / "report.md", render_markdown(report).encode())
+    atomic_write_bytes(out / f"{stem}.json", (json.dumps(report, indent=2) + "\n").encode())
+    atomic_write_bytes(out / f"{stem}.md", render_markdown(report).encode())
     return report
 
 
