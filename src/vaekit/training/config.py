@@ -16,7 +16,7 @@ import yaml
 
 from vaekit.config import field_names, from_dict, parse_override, set_by_path, to_dict
 from vaekit.data import BINARIZE_MODES, LOADERS
-from vaekit.data.dataset import ImageSplit
+from vaekit.data.dataset import ImageDataset, ImageSplit
 from vaekit.data.sources import resolve_sources
 from vaekit.errors import ConfigError, check_choice, check_positive, describe
 from vaekit.models.base import MODEL_REGISTRY, model_config_from_dict
@@ -54,9 +54,23 @@ class DataConfig:
         check_positive("data.validation", self.validation, allow_zero=True, integer=True)
         check_positive("data.validation_seed", self.validation_seed, allow_zero=True, integer=True)
 
+    def check_sizes(self, dataset: ImageDataset) -> None:
+        """ConfigError when ``train_subset`` or ``test_subset`` asks for more examples than the
+        dataset's split holds, or ``validation`` would leave nothing to train on."""
+        for name, split in (("test_subset", dataset.test), ("train_subset", dataset.train)):
+            n = getattr(self, name)
+            if n is not None and n > len(split):
+                which = name.split("_")[0]
+                raise ConfigError(f"data.{name} ({n}) is larger than the {which} split of {dataset.name!r} "
+                                  f"({len(split)} examples); use at most {len(split)} or leave it unset (all)")
+        self.check_validation(dataset.train)
+
     def check_validation(self, train: ImageSplit) -> ImageSplit:
         """``train_subset`` of a dataset's train split; ConfigError when ``validation`` would leave
-        nothing to train on."""
+        nothing to train on, or ``train_subset`` is larger than the split."""
+        if self.train_subset is not None and self.train_subset > len(train):
+            raise ConfigError(f"data.train_subset ({self.train_subset}) is larger than the train split "
+                              f"({len(train)} examples)")
         train = train.subset(self.train_subset)
         if self.validation >= len(train):
             raise ConfigError(f"data.validation ({self.validation}) must be smaller than the training split "
