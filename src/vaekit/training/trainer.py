@@ -591,7 +591,7 @@ class Trainer:
         if not candidates:
             self.request_stop(f"cannot recover: no checkpoint before step {before_step}; {reason}")
             return
-        for step, path in reversed(candidates):
+        for _, path in reversed(candidates):
             try:
                 payload = load_checkpoint(path)
                 break
