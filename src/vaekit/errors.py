@@ -69,7 +69,11 @@ class StorageError(VaekitError, OSError):
 
     def __init__(self, message: str, errno: int | None = None, filename: str | None = None):
         super().__init__(message)
+        self.message = message
         self.errno, self.filename = errno, filename
+
+    def __str__(self) -> str:  # OSError's own would print "[Errno N] strerror: filename"
+        return self.message
 
 
 def describe(value: Any) -> str:

@@ -28,6 +28,7 @@ import os
 import shutil
 import socket
 import sys
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -135,15 +136,20 @@ class RunLock:
 
 
 def check_writable(run_dir: str | os.PathLike) -> None:
-    """Without writing anything: StorageError unless ``run_dir`` (or the nearest folder above it
-    that exists) is a writable folder; RunLockedError when another process trains into it."""
+    """Without leaving anything behind: StorageError unless ``run_dir`` (or the nearest folder above
+    it that exists) is a folder a file can be created in; RunLockedError when another process
+    trains into it."""
     run_dir = Path(run_dir)
     existing = next((p for p in (run_dir, *run_dir.parents) if p.exists()), Path("."))
     if not existing.is_dir():
         raise storage_error(OSError(errno.ENOTDIR, os.strerror(errno.ENOTDIR)), existing,
                             f"create the run folder {run_dir} under")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise storage_error(OSError(errno.EACCES, os.strerror(errno.EACCES)), existing, "write into")
+    try:  # a real try, removed at once: os.access cannot see a read-only mount or a full inode table
+        fd, probe = tempfile.mkstemp(dir=existing, prefix=".vaekit-probe.", suffix=".tmp")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise storage_error(exc, run_dir, "create the run folder" if existing != run_dir else "write into") from exc
     if (run_dir / LOCK).is_file():
         try:
             fd = os.open(run_dir / LOCK, os.O_RDONLY)

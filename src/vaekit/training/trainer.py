@@ -200,7 +200,9 @@ class Trainer:
     def _prepare_folder(self, resume: bool) -> None:
         """Rank 0, lock held: remove crash leftovers, set an earlier run aside when starting afresh,
         refuse a resume that changes the model or the data split."""
-        self.folder.clean_temporaries()
+        removed = self.folder.clean_temporaries()
+        if removed:
+            self._notes.append({"event": "cleaned", "removed": [str(p.relative_to(self.run_dir)) for p in removed]})
         fresh = not resume or (not list_checkpoints(self.checkpoint_dir) and self.folder.has_results())
         if fresh and (aside := self.folder.set_aside()) is not None:
             why = "starting afresh" if not resume else "nothing to resume from (no checkpoint)"
