@@ -79,8 +79,12 @@ def save_checkpoint(directory: str | os.PathLike, step: int, payload: dict[str, 
 
 def _split(path: Path, data: bytes) -> tuple[dict[str, Any] | None, bytes]:
     """(header, payload bytes) of a v2 file, (None, data) of a v1 file; CheckpointError when damaged."""
-    if data[:1] != b"{":
+    if not data:
+        raise CheckpointError(f"{path} is truncated: it is empty (0 bytes)")
+    if data[:2] == b"PK":
         return None, data  # version 1: a zip written by torch.save
+    if data[:1] != b"{":
+        raise CheckpointError(f"{path} is damaged or not a vaekit checkpoint: it starts with {data[:8]!r}")
     end = data.find(b"\n", 0, _HEADER_MAX)
     if end < 0 and len(data) < _HEADER_MAX:
         raise CheckpointError(f"{path} is truncated: it has {len(data)} bytes and not even its header line is complete")

@@ -84,7 +84,10 @@ class CheckpointHistory:
             self.problem = _index_problem(path)
             if self.problem is None:
                 self.entries = json.loads(path.read_text())["checkpoints"]
-        elif list_checkpoints(self.directory):
+        files = list_checkpoints(self.directory)
+        if path.is_file() and self.problem is None and files and not self.entries:
+            self.problem = f"lists no checkpoints though {self.directory} holds {len(files)}"
+        elif not path.is_file() and files:
             self.problem = "is missing"
         if self.problem is not None:
             self.entries, self.unreadable = rebuild_entries(self.directory)
