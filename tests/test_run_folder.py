@@ -261,3 +261,11 @@ def test_full_disk_during_a_checkpoint_says_no_space_left_first(tiny, tmp_path):
         (fs / "filler").unlink()
         again = _trainer(tiny, run_dir, checkpoint_every=5).fit()
         assert again.resumed_from.endswith("step-000000000.pt") and again.steps == 16
+
+
+def test_unwritable_output_path_is_refused_before_any_work(unwritable, tmp_path, capsys):
+    for verb in ("sample", "reconstruct"):
+        assert main([verb, str(tmp_path / "no-model"), "-o", str(unwritable / "out" / "g.png")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and str(unwritable / "out" / "g.png") in err, err
+        assert "read-only file system" in err or "permission denied" in err, err
