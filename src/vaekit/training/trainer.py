@@ -387,10 +387,10 @@ class Trainer:
                 self.log.truncate(lambda r: False)  # an earlier run's log was set aside; a torn start's is void
                 self.history.drop_after(-1)
             self._open_tensorboard()
+            for note in self._notes:  # what was found on the way in, then the start itself
+                self.log.write({"type": "event", "step": self.state.step, **note})
             self.log.write({"type": "event", "step": self.state.step, "event": "resume" if resumed else "start",
                             "checkpoint": resumed, "world_size": info.world_size, "device": str(self.device)})
-            for note in self._notes:
-                self.log.write({"type": "event", "step": self.state.step, **note})
         for cb in self.callbacks:
             cb.on_fit_start(self)
         if not resumed:
