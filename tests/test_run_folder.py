@@ -269,3 +269,28 @@ def test_unwritable_output_path_is_refused_before_any_work(unwritable, tmp_path,
         err = capsys.readouterr().err.strip()
         assert "\n" not in err and str(unwritable / "out" / "g.png") in err, err
         assert "read-only file system" in err or "permission denied" in err, err
+
+
+class FillAtEnd(FillDisk):
+    """Fills the disk at the final evaluation (step 12, after the last checkpoint, before the model save)."""
+
+    def on_step_end(self, trainer, record):
+        pass
+
+    def on_eval_end(self, trainer, record):
+        if record["step"] == 12:
+            super().on_step_end(trainer, {"step": self.at_step})
+
+
+def test_full_disk_during_the_model_save_says_no_space_left_first(tiny, tmp_path):
+    with _tmpfs(tmp_path / "fs", "8m") as fs:
+        run_dir = fs / "run"
+        with pytest.raises(StorageError) as exc:
+            _trainer(tiny, run_dir, [FillAtEnd(0, fs / "filler")], checkpoint_every=0, max_steps=12).fit()
+        msg = str(exc.value)
+        assert msg.startswith(f"no space left on device: cannot write {run_dir / 'model'}"), msg
+        assert "the trained weights are in checkpoint" in msg and "step-000000012.pt" in msg and "\n" not in msg
+        assert not (run_dir / "model").exists() and not list(run_dir.glob(".model.*"))
+        (fs / "filler").unlink()
+        again = _trainer(tiny, run_dir, checkpoint_every=0, max_steps=12).fit()
+        assert again.resumed_from.endswith("step-000000012.pt") and (run_dir / "model" / "model.safetensors").is_file()

@@ -10,6 +10,8 @@ checkpoint finishes bit-identical on CPU to one that never stopped.
 from __future__ import annotations
 
 import math
+import os
+import re
 import time
 import warnings
 from collections.abc import Sequence
@@ -21,6 +23,7 @@ from typing import Any
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
+from vaekit.atomic import storage_error
 from vaekit.config import to_dict
 from vaekit.data import LOADERS
 from vaekit.data.dataset import BatchLoader, ImageDataset, ImageSplit, eval_loader, mix_seed
@@ -673,7 +676,18 @@ class Trainer:
         if self.selector is not None:
             meta["selected"] = {k: v for k, v in self.selector.summary.items() if k != "checks"}
             metrics = {**(metrics or {}), "selected": meta["selected"]}
-        return self.model.save(self.run_dir / "model", metadata=meta, metrics=metrics)
+        path = self.run_dir / "model"
+        try:
+            return self.model.save(path, metadata=meta, metrics=metrics)
+        except Exception as exc:  # safetensors reports an OS failure as its own error, "... (os error 28)"
+            found = re.search(r"os error (\d+)", str(exc))
+            if not isinstance(exc, StorageError) and found is None:
+                raise
+            if not isinstance(exc, StorageError):
+                code = int(found.group(1))
+                exc = storage_error(OSError(code, os.strerror(code)), path, "write the model")
+            raise StorageError(f"{exc}; the trained weights are in checkpoint {self._good_checkpoint()}: the same "
+                               f"command resumes from it and saves the model", exc.errno, exc.filename) from exc
 
 
 def _finite(values: dict[str, Any]) -> bool:
