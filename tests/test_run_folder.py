@@ -13,6 +13,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -52,7 +53,8 @@ def _trainer(data, run_dir, callbacks=(), **kw):
                    callbacks=callbacks)
 
 
-# a second process that trains the same run as _trainer(tiny, RUN) and stops, holding the lock, at step 3
+# a second process that trains the same run as _trainer(tiny, RUN) and then, still holding the lock,
+# sleeps at step 3 ("hold") or rewrites step 4's checkpoint in a loop ("rewrite")
 HOLDER_SCRIPT = textwrap.dedent("""
     import pathlib, sys, time
     import torch
@@ -67,6 +69,15 @@ HOLDER_SCRIPT = textwrap.dedent("""
                 pathlib.Path(sys.argv[2]).write_text("holding")
                 time.sleep(600)
 
+    class Rewriter(Trainer):  # once step 4's checkpoint is written, writes it again and again
+        def save_checkpoint(self, kind="step"):
+            path = super().save_checkpoint(kind)
+            if self.state.step == 4:
+                pathlib.Path(sys.argv[2]).write_text("rewriting")
+                while True:
+                    super().save_checkpoint(kind)
+            return path
+
     torch.set_num_threads(1)
     m = load_dataset("mnist")
     data = ImageDataset("mnist", m.train.subset(512), m.test.subset(100), m.classes, m.provenance)
@@ -74,16 +85,19 @@ HOLDER_SCRIPT = textwrap.dedent("""
     model = VAE(VAEConfig(latent_dim=8, hidden_sizes=(64,)))
     cfg = TrainConfig(epochs=2, batch_size=64, checkpoint_every=2, progress=False, tensorboard="off", seed=3,
                       eval_batch_size=100, threads=1)
-    Trainer(model, data, cfg, data_config=DataConfig(binarize="dynamic"), run_dir=sys.argv[1],
-            callbacks=[Hold()]).fit()
+    if sys.argv[3] == "hold":
+        Trainer(model, data, cfg, data_config=DataConfig(binarize="dynamic"), run_dir=sys.argv[1],
+                callbacks=[Hold()]).fit()
+    else:
+        Rewriter(model, data, cfg, data_config=DataConfig(binarize="dynamic"), run_dir=sys.argv[1]).fit()
 """)
 
 
-def _start_holder(tmp_path: Path, run_dir: Path) -> subprocess.Popen:
+def _start_holder(tmp_path: Path, run_dir: Path, mode: str = "hold") -> subprocess.Popen:
     script, ready = tmp_path / "holder.py", tmp_path / "ready"
     script.write_text(HOLDER_SCRIPT)
     env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, str(script), str(run_dir), str(ready)], env=env,
+    proc = subprocess.Popen([sys.executable, str(script), str(run_dir), str(ready), mode], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 180
     while not ready.exists():
@@ -91,7 +105,7 @@ def _start_holder(tmp_path: Path, run_dir: Path) -> subprocess.Popen:
             pytest.fail(f"the holder process ended early: {proc.stdout.read().decode()[-2000:]}")
         if time.monotonic() > deadline:
             proc.kill()
-            pytest.fail("the holder process did not reach step 3 in 180 s")
+            pytest.fail("the holder process did not get ready in 180 s")
         time.sleep(0.1)
     return proc
 
@@ -132,6 +146,34 @@ def test_second_writer_fails_at_once_and_a_killed_holder_is_taken_over(tiny, tmp
         assert torch.equal(a, b), f"{k} differs after a kill -9 and resume"
     steps = [r["step"] for r in read_metrics(run_dir / "metrics.jsonl", "train")]
     assert steps == list(range(1, result.steps + 1))
+
+
+def test_kill_9_during_a_checkpoint_write_resumes_bit_exact_and_cleans_up(tiny, tmp_path):
+    ref = _trainer(tiny, tmp_path / "ref")
+    ref.fit()
+    run_dir = tmp_path / "run"
+    proc = _start_holder(tmp_path, run_dir, "rewrite")
+    ckpt = run_dir / "checkpoints"
+    try:
+        deadline = time.monotonic() + 30
+        while not any(p.name.startswith(".step-000000004.pt.") for p in ckpt.iterdir()):
+            assert time.monotonic() < deadline, "no checkpoint write seen in 30 s"
+        proc.send_signal(signal.SIGKILL)  # while the temp file of a write is there
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+    left = [p.name for p in ckpt.iterdir() if p.name.endswith(".tmp")]
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        resumed = _trainer(tiny, run_dir)
+        result = resumed.fit()
+    if left:  # the kill landed inside the write (nearly always: the write takes milliseconds)
+        assert any("temporary file(s) left by an interrupted run" in str(w.message) for w in seen)
+    assert not [p for p in ckpt.iterdir() if p.name.endswith(".tmp")]
+    assert result.resumed_from.endswith("step-000000004.pt")
+    for (k, a), (_, b) in zip(ref.model.state_dict().items(), resumed.model.state_dict().items(), strict=True):
+        assert torch.equal(a, b), f"{k} differs after a kill -9 during a checkpoint write"
+    assert [r["step"] for r in read_metrics(run_dir / "metrics.jsonl", "train")] == list(range(1, result.steps + 1))
 
 
 def test_crash_leftovers_are_removed_at_the_next_start(tiny, tmp_path):
