@@ -162,3 +162,17 @@ def test_starting_afresh_keeps_the_earlier_run_in_previous(mnist_small, tmp_path
         _trainer(mnist_small, tmp_path, max_steps=5).fit(resume=False)
     assert (prev / "metrics.jsonl").read_bytes() == old_log
     assert 12 in [s for s, _ in list_checkpoints(tmp_path / "previous" / "2" / "checkpoints")]
+
+
+def test_nothing_to_resume_from_keeps_the_earlier_results_aside(mnist_small, tmp_path):
+    """Checkpoints gone but a log and a model left: a new start must not append to the old log."""
+    import shutil
+
+    _trainer(mnist_small, tmp_path, max_steps=10).fit()
+    shutil.rmtree(tmp_path / "checkpoints")
+    with pytest.warns(UserWarning, match="nothing to resume from.*previous/1"):
+        res = _trainer(mnist_small, tmp_path, max_steps=5).fit()
+    assert res.resumed_from is None and res.steps == 5
+    assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl", "train")] == [1, 2, 3, 4, 5]
+    assert len(read_metrics(tmp_path / "previous" / "1" / "metrics.jsonl", "train")) == 10
+    assert (tmp_path / "previous" / "1" / "model" / "model.safetensors").is_file()

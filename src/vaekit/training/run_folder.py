@@ -197,7 +197,7 @@ class RunFolder:
                     removed.append(p)
         if removed:
             warnings.warn(f"{self.path}: removed {len(removed)} temporary file(s) left by an interrupted run: "
-                          + ", ".join(str(p.relative_to(self.path)) for p in removed), stacklevel=3)
+                          + ", ".join(str(p.relative_to(self.path)) for p in removed), stacklevel=5)
         return removed
 
     # -- run history ----------------------------------------------------------------------------

@@ -203,6 +203,7 @@ class Trainer:
     def _prepare_folder(self, resume: bool) -> None:
         """Rank 0, lock held: remove crash leftovers, set an earlier run aside when starting afresh,
         refuse a resume that changes the model or the data split."""
+        self._notes = []
         removed = self.folder.clean_temporaries()
         if removed:
             self._notes.append({"event": "cleaned", "removed": [str(p.relative_to(self.run_dir)) for p in removed]})
@@ -210,7 +211,7 @@ class Trainer:
         if fresh and (aside := self.folder.set_aside()) is not None:
             why = "starting afresh" if not resume else "nothing to resume from (no checkpoint)"
             warnings.warn(f"{why}: the earlier run in {self.run_dir} (checkpoints, metrics log, model) "
-                          f"was moved to {aside}", stacklevel=5)
+                          f"was moved to {aside}", stacklevel=4)
             self._notes.append({"event": "set_aside", "to": str(aside)})
         if resume and self.run_config is not None:
             self.folder.check_compatible(self.run_config.to_dict())
