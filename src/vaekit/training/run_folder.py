@@ -10,7 +10,8 @@
   by a process that got the lock is a stale one (its writer was killed): it is taken over with
   a message.
 - ``previous/1/``, ``previous/2/``, ...: earlier runs set aside by a fresh start
-  (``--no-resume``): everything the folder held, moved, never deleted.
+  (``--no-resume``): what they wrote (checkpoints, log, model, configs, reports), moved, never
+  deleted.
 - ``config.revisions.json``: every config the run was trained with and the step each took
   over (``{"revisions": [{"revision": 1, "from_step": 0, "config": {...}}, {"revision": 2,
   "from_step": 420, "changed": {"train.batch_size": [128, 64]}, "config": {...}}]}``);
@@ -43,6 +44,9 @@ REVISIONS = "config.revisions.json"
 # settings a resumed run must share with the run it continues: they define the weights' shape and
 # which examples were trained on (changing them mid-run would mix two different experiments)
 SPLIT_KEYS = ("dataset", "train_subset", "validation", "validation_seed")
+# what training and the CLI write into a run folder: a fresh start moves these into previous/N
+RUN_FILES = ("checkpoints", "metrics.jsonl", "model", "config.json", "config.yaml", REVISIONS, "tensorboard",
+             "eval.json", "report", "samples.png", "reconstructions.png", "checkpoints.previous")
 # not part of how a run is trained: where the folder is
 _PLACE_KEYS = ("name", "out_dir")
 
@@ -208,8 +212,9 @@ class RunFolder:
                 or (self.path / "model").exists())
 
     def set_aside(self) -> Path | None:
-        """Move everything the folder holds (but ``previous/`` and the lock) into
-        ``previous/<N>/``, N one more than the highest there; return it (None if nothing to move)."""
+        """Move what an earlier run left (``RUN_FILES``: checkpoints, log, model, configs, reports)
+        into ``previous/<N>/``, N one more than the highest there; return it (None if nothing to
+        move). Anything else in the folder stays where it is."""
         self._check_locked()
         if not self.has_results():
             return None
@@ -218,9 +223,9 @@ class RunFolder:
         target = parent / str(max(numbers, default=0) + 1)
         try:
             target.mkdir(parents=True)
-            for p in sorted(self.path.iterdir()):
-                if p.name not in (PREVIOUS, LOCK, HOLDER):
-                    p.rename(target / p.name)
+            for name in RUN_FILES:
+                if (self.path / name).exists():
+                    (self.path / name).rename(target / name)
         except OSError as exc:
             raise storage_error(exc, target, "set the earlier run aside into") from exc
         return target
