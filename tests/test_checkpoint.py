@@ -79,6 +79,8 @@ def test_when_no_checkpoint_is_readable_resume_stops_and_lists_each(tiny, tmp_pa
     for p, why in zip(files, ("SHA-256", "SHA-256", "truncated", "truncated"), strict=True):
         assert f"{p.name}: " in msg and why in msg.split(p.name + ": ")[1].split("\n")[0], msg
     assert (run / "metrics.jsonl").read_bytes() == log_before, "no step is logged again from step 0"
+    with pytest.raises(CheckpointError, match="none can be read"):  # a dry run makes the same check
+        _trainer(tiny, run, max_steps=10).check()
     assert [p.name for _, p in list_checkpoints(run / "checkpoints")] == [p.name for p in files]
 
 

@@ -197,8 +197,14 @@ class Trainer:
                 raise ConfigError("train.tensorboard is 'on' but tensorboard is not installed "
                                   "(pip install 'vaekit[tensorboard]')") from None
         check_writable(self.run_dir)
-        if resume and self.run_config is not None:
-            self.folder.check_compatible(self.run_config.to_dict())
+        if resume and not self._sets_aside(resume):
+            if self.run_config is not None:
+                self.folder.check_compatible(self.run_config.to_dict())
+            find_resumable(self.checkpoint_dir)  # CheckpointError when checkpoints exist but none is readable
+
+    def _sets_aside(self, resume: bool) -> bool:
+        """Does this start move an earlier run into previous/? (a fresh start, or nothing to resume from)"""
+        return not resume or (not list_checkpoints(self.checkpoint_dir) and self.folder.has_results())
 
     def _prepare_folder(self, resume: bool) -> None:
         """Rank 0, lock held: remove crash leftovers, set an earlier run aside when starting afresh,
@@ -207,8 +213,7 @@ class Trainer:
         removed = self.folder.clean_temporaries()
         if removed:
             self._notes.append({"event": "cleaned", "removed": [str(p.relative_to(self.run_dir)) for p in removed]})
-        fresh = not resume or (not list_checkpoints(self.checkpoint_dir) and self.folder.has_results())
-        if fresh and (aside := self.folder.set_aside()) is not None:
+        if self._sets_aside(resume) and (aside := self.folder.set_aside()) is not None:
             why = "starting afresh" if not resume else "nothing to resume from (no checkpoint)"
             warnings.warn(f"{why}: the earlier run in {self.run_dir} (checkpoints, metrics log, model) "
                           f"was moved to {aside}", stacklevel=4)
