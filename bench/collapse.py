@@ -38,6 +38,7 @@ from common import RESULTS, print_table, write_results  # noqa: E402
 from vaekit import VAE, DataConfig, TrainConfig, Trainer, VAEConfig, load_dataset, read_metrics  # noqa: E402
 from vaekit.training.monitors import MonitorConfig  # noqa: E402
 from vaekit.training.schedules import KLConfig  # noqa: E402
+from vaekit.training.standard import standard_callbacks  # noqa: E402
 
 ARMS = {
     "a": ("beta=1 from step 0", {}, {}, {}),
@@ -81,8 +82,9 @@ def run_arm(key: str, args, data, root: Path) -> dict:
                       threads=args.threads)
     run_dir = root / f"arm-{key}"
     t = time.perf_counter()
-    res = Trainer(model, data, cfg, data_config=DataConfig(binarize="dynamic"), run_dir=run_dir,
-                  kl=KLConfig(**kl_kw), monitor=mon).fit(resume=False)
+    dc = DataConfig(binarize="dynamic")
+    callbacks = standard_callbacks(model, data, data=dc, kl=KLConfig(**kl_kw), monitor=mon, seed=cfg.seed)
+    res = Trainer(model, data, cfg, data_config=dc, run_dir=run_dir, callbacks=callbacks).fit(resume=False)
     wall = time.perf_counter() - t
     log = read_metrics(run_dir / "metrics.jsonl")
     monitor = [r for r in log if r["type"] == "monitor"]

@@ -22,6 +22,7 @@ from vaekit.models import build_model, load_model  # noqa: E402
 from vaekit.training import Callback, DataConfig, TrainConfig, Trainer  # noqa: E402
 from vaekit.training.monitors import MonitorConfig  # noqa: E402
 from vaekit.training.selection import SelectConfig  # noqa: E402
+from vaekit.training.standard import standard_callbacks  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -70,12 +71,12 @@ class TimeBudget(Callback):
     def __init__(self, seconds: float):
         self.seconds, self.t0 = seconds, None
 
-    def on_fit_start(self, trainer) -> None:
+    def on_fit_start(self, loop) -> None:
         self.t0 = time.perf_counter()
 
-    def on_step_end(self, trainer, record) -> None:
-        if time.perf_counter() - self.t0 > self.seconds and not trainer._stop_reason:
-            trainer.request_stop(f"time budget of {self.seconds:.0f} s")
+    def on_step_end(self, loop, record) -> None:
+        if time.perf_counter() - self.t0 > self.seconds and not loop.stop_requested:
+            loop.request_stop(f"time budget of {self.seconds:.0f} s")
 
 
 def train_run(run_dir: Path, cfg: Any, data, data_cfg: DataConfig, args, *, seconds: float | None = None,
@@ -96,15 +97,15 @@ def train_run(run_dir: Path, cfg: Any, data, data_cfg: DataConfig, args, *, seco
     model = build_model(cfg)
     tc = TrainConfig(epochs=epochs, batch_size=batch_size, lr=1e-3, seed=seed, threads=args.threads,
                      checkpoint_every=0, eval_every=0, progress=False, tensorboard="off", keep_checkpoints=1)
-    callbacks = [TimeBudget(seconds)] if seconds else []
+    callbacks = standard_callbacks(model, data, data=data_cfg, monitor=MonitorConfig(enabled=False), select=select,
+                                   seed=seed, extra=[TimeBudget(seconds)] if seconds else [])
     t0 = time.perf_counter()
-    result = Trainer(model, data, tc, data_config=data_cfg, run_dir=run_dir, callbacks=callbacks,
-                     monitor=MonitorConfig(enabled=False), select=select).fit(resume=False)
+    result = Trainer(model, data, tc, data_config=data_cfg, run_dir=run_dir, callbacks=callbacks).fit(resume=False)
     n_train = len(data_cfg.train_splits(data.train)[0])
     info: dict[str, Any] = {"steps": result.steps, "train_s": round(time.perf_counter() - t0, 1),
                             "epochs": round(result.steps / math.ceil(n_train / batch_size), 2)}
-    if result.selected:
-        info["selected"] = result.selected
+    if "select" in result.summaries:
+        info["selected"] = result.summaries["select"]
     info_file.write_text(json.dumps(info) + "\n")
     return model.eval(), info
 

@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import print_table, write_results  # noqa: E402
 
 from vaekit import VAE, DataConfig, TrainConfig, Trainer, VAEConfig, load_dataset  # noqa: E402
+from vaekit.training.standard import standard_callbacks  # noqa: E402
 
 BATCH, LR, HIDDEN, LATENT = 128, 1e-3, 512, 16
 
@@ -81,7 +82,8 @@ def vaekit_loop(data, epochs: int, run_dir: Path) -> float:
     cfg = TrainConfig(epochs=epochs, batch_size=BATCH, lr=LR, progress=False, tensorboard="off", eval_every=0,
                       device="cpu")
     t = time.perf_counter()
-    Trainer(model, data, cfg, data_config=DataConfig(), run_dir=run_dir).fit(resume=False)
+    callbacks = standard_callbacks(model, data)  # KL control and collapse monitors, as vaekit.train runs
+    Trainer(model, data, cfg, data_config=DataConfig(), run_dir=run_dir, callbacks=callbacks).fit(resume=False)
     return time.perf_counter() - t
 
 

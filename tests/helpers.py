@@ -23,3 +23,21 @@ class Crash(Callback):
     def on_step_end(self, trainer, record) -> None:
         if record["step"] == self.at_step:
             raise KeyboardInterrupt(f"simulated crash at step {self.at_step}")
+
+
+def configured_trainer(model, dataset, config=None, *, data_config=None, kl=None, monitor=None, select=None,
+                       callbacks=(), **kwargs):
+    """A Trainer with the standard callbacks (KL control, collapse monitors, model selection) built from
+    the given sections, as ``vaekit.train`` makes one from a run config."""
+    from vaekit.training import TrainConfig, Trainer
+    from vaekit.training.standard import standard_callbacks
+
+    seed = (config or TrainConfig()).seed
+    cbs = standard_callbacks(model, dataset, data=data_config, kl=kl, monitor=monitor, select=select, seed=seed,
+                             extra=callbacks)
+    return Trainer(model, dataset, config, data_config=data_config, callbacks=cbs, **kwargs)
+
+
+def callback(trainer, name: str):
+    """The trainer's callback called ``name``."""
+    return next(c for c in trainer.callbacks if c.name == name)

@@ -4,7 +4,7 @@ weights give the same outputs on CPU. Skipped where no GPU is present (CI); run 
 
 import pytest
 import torch
-from helpers import Crash
+from helpers import Crash, callback, configured_trainer
 from test_models import VARIANTS
 
 from vaekit.data import ImageDataset
@@ -35,8 +35,8 @@ def test_every_variant_trains_on_the_gpu_and_loads_on_cpu(name, precision, mnist
     cfg = VARIANTS[name]
     torch.manual_seed(0)
     model = build_model(cfg)
-    t = Trainer(model, mnist_gpu, _tc(max_steps=12, precision=precision), run_dir=tmp_path,
-                data_config=DataConfig(binarize="dynamic"), monitor=MonitorConfig(enabled=False))
+    t = configured_trainer(model, mnist_gpu, _tc(max_steps=12, precision=precision), run_dir=tmp_path,
+                           data_config=DataConfig(binarize="dynamic"), monitor=MonitorConfig(enabled=False))
     res = t.fit()
     assert t.device.type == "cuda" and next(model.parameters()).is_cuda
     assert res.steps == 12 and res.final_eval is not None
@@ -83,14 +83,14 @@ def test_prior_mmd_selection_on_the_gpu(mnist_gpu, tmp_path):
                 with torch.no_grad():
                     trainer.model.to_mean.bias.fill_(50.0)
 
-    t = Trainer(model, mnist_gpu, _tc(epochs=3, max_steps=30), run_dir=tmp_path, callbacks=[Spoil()],
-                data_config=DataConfig(validation=256), monitor=MonitorConfig(enabled=False),
-                select=SelectConfig(metric="prior_mmd", every_steps=10, samples=256))
+    t = configured_trainer(model, mnist_gpu, _tc(epochs=3, max_steps=30), run_dir=tmp_path, callbacks=[Spoil()],
+                           data_config=DataConfig(validation=256), monitor=MonitorConfig(enabled=False),
+                           select=SelectConfig(metric="prior_mmd", every_steps=10, samples=256))
     res = t.fit()
-    assert [s for s, _ in res.selected["checks"]] == [10, 20, 30]
-    assert res.selected["best_step"] == 10 and next(model.parameters()).is_cuda
+    assert [s for s, _ in res.summaries["select"]["checks"]] == [10, 20, 30]
+    assert res.summaries["select"]["best_step"] == 10 and next(model.parameters()).is_cuda
     assert float(model.to_mean.bias.detach().abs().max()) < 10
-    assert t.selector.score(model) == pytest.approx(res.selected["best_value"], abs=1e-9)
+    assert callback(t, "select").score(model) == pytest.approx(res.summaries["select"]["best_value"], abs=1e-9)
 
 
 def test_importance_sampled_nll_on_the_gpu_agrees_with_cpu(mnist_gpu):

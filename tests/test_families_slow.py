@@ -5,12 +5,13 @@ The full-size figures come from `python bench/families.py` (README, Results).
 
 import pytest
 import torch
+from helpers import configured_trainer
 
 from vaekit.data import ImageDataset
 from vaekit.data.dataset import eval_loader
 from vaekit.models import VAEConfig, VQVAEConfig, build_model
 from vaekit.objectives.iwae import iwae_bound, log_importance_weights
-from vaekit.training import DataConfig, TrainConfig, Trainer
+from vaekit.training import DataConfig, TrainConfig
 from vaekit.training.monitors import MonitorConfig
 
 pytestmark = pytest.mark.slow
@@ -20,9 +21,9 @@ TC = dict(batch_size=128, threads=1, progress=False, tensorboard="off", checkpoi
 def _fit(cfg, data, tmp_path, name, steps, binarize="none", seed=0):
     torch.manual_seed(seed)
     model = build_model(cfg)
-    Trainer(model, data, TrainConfig(epochs=100, max_steps=steps, seed=seed, **TC),
-            data_config=DataConfig(dataset="mnist", binarize=binarize), run_dir=tmp_path / name,
-            monitor=MonitorConfig(enabled=False)).fit()
+    configured_trainer(model, data, TrainConfig(epochs=100, max_steps=steps, seed=seed, **TC),
+                       data_config=DataConfig(dataset="mnist", binarize=binarize), run_dir=tmp_path / name,
+                       monitor=MonitorConfig(enabled=False)).fit()
     return model.eval()
 
 

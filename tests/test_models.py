@@ -4,7 +4,7 @@ import warnings
 
 import pytest
 import torch
-from helpers import rand_images
+from helpers import configured_trainer, rand_images
 
 from vaekit.data import ImageDataset, ImageSplit
 from vaekit.errors import ConfigError, InputError, ModelFormatError
@@ -21,7 +21,7 @@ from vaekit.models import (
     load_model,
 )
 from vaekit.nn.distributions import DiagonalGaussian
-from vaekit.training import TrainConfig, Trainer
+from vaekit.training import TrainConfig
 from vaekit.training.monitors import MonitorConfig
 
 _VQ_SMALL = {"hidden_channels": 16, "residual_channels": 8, "codebook_size": 16, "code_dim": 8, "prior_dim": 16,
@@ -299,10 +299,10 @@ def test_trains_through_the_trainer_and_resumes(name, tmp_path):
     tc = dict(epochs=1, batch_size=32, threads=1, progress=False, tensorboard="off", checkpoint_every=2)
     torch.manual_seed(0)
     off = MonitorConfig(enabled=False)  # random pixels: the collapse monitor would (rightly) warn
-    r1 = Trainer(build_model(cfg), data, TrainConfig(**tc, max_steps=2), run_dir=tmp_path, monitor=off).fit()
+    r1 = configured_trainer(build_model(cfg), data, TrainConfig(**tc, max_steps=2), run_dir=tmp_path, monitor=off).fit()
     assert r1.steps == 2
     torch.manual_seed(0)
-    r2 = Trainer(build_model(cfg), data, TrainConfig(**tc), run_dir=tmp_path, monitor=off).fit()
+    r2 = configured_trainer(build_model(cfg), data, TrainConfig(**tc), run_dir=tmp_path, monitor=off).fit()
     assert r2.resumed_from and r2.steps == 3 and r2.final_eval is not None
     assert all(v == v for k, v in r2.final_eval.items() if isinstance(v, float)), r2.final_eval
     assert type(load_model(r2.model_dir)).family == cfg.family

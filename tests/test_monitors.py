@@ -2,10 +2,10 @@
 
 import pytest
 import torch
-from helpers import Crash
+from helpers import Crash, callback, configured_trainer
 
 from vaekit.models import VAE, VAEConfig
-from vaekit.training import DataConfig, TrainConfig, Trainer, read_metrics
+from vaekit.training import DataConfig, TrainConfig, read_metrics
 from vaekit.training.history import choose_fallback, read_history
 from vaekit.training.monitors import CollapseMonitor, KLAlert, MonitorConfig, latent_stats
 from vaekit.training.schedules import KLConfig
@@ -76,17 +76,17 @@ def _model():
 def test_alert_in_training_log_with_warn(mnist_small, tmp_path):
     # every step counts as low when the threshold is huge: the alert fires at step `patience`
     mon = MonitorConfig(kl_threshold=1e9, patience=7, on_collapse="warn", samples=200)
-    t = Trainer(_model(), mnist_small, _cfg(max_steps=10), run_dir=tmp_path / "w", monitor=mon)
+    t = configured_trainer(_model(), mnist_small, _cfg(max_steps=10), run_dir=tmp_path / "w", monitor=mon)
     with pytest.warns(UserWarning, match="collapse"):
         res = t.fit()
-    assert res.alerts == [{"cause": "kl", "step": 7, "onset": 1, "action": "warn"}]
+    assert res.summaries["collapse"]["alerts"] == [{"cause": "kl", "step": 7, "onset": 1, "action": "warn"}]
     events = [e for e in read_metrics(tmp_path / "w" / "metrics.jsonl", "event") if e["event"] == "collapse"]
     assert events[0]["step"] == 7 and "7 consecutive steps" in events[0]["reason"]
 
 
 def test_stop_response_ends_training_and_keeps_the_model(mnist_small, tmp_path):
     mon = MonitorConfig(kl_threshold=1e9, patience=5, on_collapse="stop", samples=200)
-    res = Trainer(_model(), mnist_small, _cfg(), run_dir=tmp_path / "s", monitor=mon).fit()
+    res = configured_trainer(_model(), mnist_small, _cfg(), run_dir=tmp_path / "s", monitor=mon).fit()
     assert res.steps == 5 and res.stopped and "collapse" in res.stopped
     assert (tmp_path / "s" / "model" / "model.safetensors").is_file()
 
@@ -95,9 +95,9 @@ def test_recover_reloads_before_onset_and_applies_free_bits(mnist_small, tmp_pat
     # threshold above any real KL: every episode fires, so the run recovers twice then stops
     mon = MonitorConfig(kl_threshold=1e9, patience=12, on_collapse="recover", recover_free_bits=0.3,
                         max_recoveries=2, samples=200)
-    t = Trainer(_model(), mnist_small, _cfg(epochs=3), run_dir=tmp_path / "r", monitor=mon)
+    t = configured_trainer(_model(), mnist_small, _cfg(epochs=3), run_dir=tmp_path / "r", monitor=mon)
     res = t.fit()
-    assert res.recoveries == 2 and res.stopped and "max_recoveries" in res.stopped
+    assert res.summaries["collapse"]["recoveries"] == 2 and res.stopped and "max_recoveries" in res.stopped
     events = read_metrics(tmp_path / "r" / "metrics.jsonl", "event")
     rec = [e for e in events if e["event"] == "recover"]
     assert len(rec) == 2
@@ -105,7 +105,7 @@ def test_recover_reloads_before_onset_and_applies_free_bits(mnist_small, tmp_pat
     assert "free bits on at 0.3" in rec[0]["change"]
     steps = read_metrics(tmp_path / "r" / "metrics.jsonl", "train")
     assert any(r.get("branch") == 1 and r.get("free_bits") == 0.3 for r in steps)
-    assert t.kl_controller.free_bits == 0.3
+    assert callback(t, "kl").free_bits == 0.3
 
 
 def test_schedule_free_bits_and_monitor_state_survive_resume(mnist_small, tmp_path):
@@ -113,8 +113,8 @@ def test_schedule_free_bits_and_monitor_state_survive_resume(mnist_small, tmp_pa
     mon = MonitorConfig(every_steps=10, samples=200, kl_threshold=1e9, patience=1000)  # streak keeps growing
 
     def make(run, callbacks=()):
-        return Trainer(_model(), mnist_small, _cfg(), data_config=DataConfig(binarize="dynamic"), run_dir=run,
-                       kl=kl, monitor=mon, callbacks=callbacks)
+        return configured_trainer(_model(), mnist_small, _cfg(), data_config=DataConfig(binarize="dynamic"),
+                                  run_dir=run, kl=kl, monitor=mon, callbacks=callbacks)
 
     ref = make(tmp_path / "ref")
     ref.fit()
@@ -125,7 +125,7 @@ def test_schedule_free_bits_and_monitor_state_survive_resume(mnist_small, tmp_pa
     resumed.fit()
     for (k, a), (_, b) in zip(ref.model.state_dict().items(), resumed.model.state_dict().items(), strict=True):
         assert torch.equal(a, b), k
-    assert resumed.monitor.alert.streak == ref.monitor.alert.streak == 64
+    assert callback(resumed, "collapse").alert.streak == callback(ref, "collapse").alert.streak == 64
     a = read_metrics(tmp_path / "ref" / "metrics.jsonl", "train")
     b = read_metrics(tmp_path / "run" / "metrics.jsonl", "train")
     assert [r["kl_weight"] for r in a] == [r["kl_weight"] for r in b]
@@ -134,8 +134,9 @@ def test_schedule_free_bits_and_monitor_state_survive_resume(mnist_small, tmp_pa
 
 
 def test_history_index_and_fallback(mnist_small, tmp_path):
-    t = Trainer(_model(), mnist_small, _cfg(epochs=3, checkpoint_every=0, keep_checkpoints=1, keep_history=2),
-                run_dir=tmp_path / "h", monitor=MonitorConfig(samples=200))
+    t = configured_trainer(_model(), mnist_small, _cfg(epochs=3, checkpoint_every=0, keep_checkpoints=1,
+                                                       keep_history=2),
+                           run_dir=tmp_path / "h", monitor=MonitorConfig(samples=200))
     t.fit()
     entries = read_history(tmp_path / "h")
     kinds = [(e["step"], e["kind"]) for e in entries]

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from helpers import Crash
+from helpers import Crash, callback, configured_trainer
 
 from vaekit.data import ImageSplit
 from vaekit.errors import ConfigError, InputError
@@ -63,10 +63,11 @@ def test_trainer_refuses_selection_without_validation_or_a_prior(mnist_small, tm
                 run_dir=tmp_path / "never")
     assert not (tmp_path / "never").exists(), "refused before anything is written"
     with pytest.raises(ConfigError, match="data.validation"):
-        Trainer(vae, mnist_small, TrainConfig(progress=False), run_dir=tmp_path, select=SelectConfig(metric="val_loss"))
+        configured_trainer(vae, mnist_small, TrainConfig(progress=False), run_dir=tmp_path,
+                           select=SelectConfig(metric="val_loss"))
     with pytest.raises(ConfigError, match="val_loss"):
-        Trainer(vae, mnist_small, TrainConfig(progress=False), data_config=DataConfig(validation=100), run_dir=tmp_path,
-                select=SelectConfig(metric="prior_mmd"))
+        configured_trainer(vae, mnist_small, TrainConfig(progress=False), data_config=DataConfig(validation=100),
+                           run_dir=tmp_path, select=SelectConfig(metric="prior_mmd"))
 
 
 def _aae():
@@ -78,9 +79,10 @@ def _aae():
 def _aae_trainer(data, run_dir, callbacks=(), **kw):
     cfg = TrainConfig(epochs=2, batch_size=64, checkpoint_every=7, progress=False, tensorboard="off", seed=1,
                       eval_batch_size=500, **kw)
-    return Trainer(_aae(), data, cfg, run_dir=run_dir, callbacks=callbacks,
-                   data_config=DataConfig(validation=300, validation_seed=2), monitor=MonitorConfig(enabled=False),
-                   select=SelectConfig(metric="prior_mmd", every_steps=5, samples=300))
+    return configured_trainer(_aae(), data, cfg, run_dir=run_dir, callbacks=callbacks,
+                              data_config=DataConfig(validation=300, validation_seed=2),
+                              monitor=MonitorConfig(enabled=False),
+                              select=SelectConfig(metric="prior_mmd", every_steps=5, samples=300))
 
 
 class Spoil(Callback):
@@ -99,15 +101,15 @@ class Spoil(Callback):
 def test_prior_mmd_selection_restores_saves_and_evaluates_the_best_weights(mnist_small, tmp_path):
     t = _aae_trainer(mnist_small, tmp_path / "r", [Spoil()])
     res = t.fit()
-    assert res.steps == 54 and res.selected["best_step"] < 50
-    assert dict(map(tuple, res.selected["checks"]))[50] > 1.0  # the spoiled codes were scored
-    sel = t.selector
-    assert sel is not None and res.selected is not None
-    checks = res.selected["checks"]
+    assert res.steps == 54 and res.summaries["select"]["best_step"] < 50
+    assert dict(map(tuple, res.summaries["select"]["checks"]))[50] > 1.0  # the spoiled codes were scored
+    sel = callback(t, "select")
+    assert res.summaries["select"] == sel.summary()
+    checks = res.summaries["select"]["checks"]
     steps = [s for s, _ in checks]
     assert steps == list(range(5, res.steps + 1, 5)) + ([res.steps] if res.steps % 5 else [])
     best_step, best = min(checks, key=lambda c: c[1])
-    assert (res.selected["best_step"], res.selected["best_value"]) == (best_step, best)
+    assert (res.summaries["select"]["best_step"], res.summaries["select"]["best_value"]) == (best_step, best)
     # the in-memory model and the saved one hold the best weights
     for k, v in t.model.state_dict().items():
         assert torch.equal(v.cpu(), sel.best_weights[k]), k
@@ -140,7 +142,7 @@ def test_selection_resumes_exactly(mnist_small, tmp_path):
         crashing.fit()
     resumed = _aae_trainer(mnist_small, tmp_path / "run")
     res = resumed.fit()
-    assert res.resumed_from and res.selected == ref_res.selected
+    assert res.resumed_from and res.summaries["select"] == ref_res.summaries["select"]
     for (k, a), (_, b) in zip(ref.model.state_dict().items(), resumed.model.state_dict().items(), strict=True):
         assert torch.equal(a, b), k
 
@@ -166,8 +168,8 @@ def test_scoring_leaves_the_training_rng_alone_and_val_loss_is_the_mean_loss(mni
 def test_a_non_finite_score_is_never_the_best(mnist_small, tmp_path):
     model = _aae()
     x = mnist_small.train.images[:200].float() / 255.0
-    t = Trainer(model, mnist_small, TrainConfig(progress=False), run_dir=tmp_path,
-                data_config=DataConfig(validation=200), monitor=MonitorConfig(enabled=False))
+    t = configured_trainer(model, mnist_small, TrainConfig(progress=False), run_dir=tmp_path,
+                           data_config=DataConfig(validation=200), monitor=MonitorConfig(enabled=False))
     sel = BestModelSelector(SelectConfig(metric="prior_mmd", samples=200), x, mnist_small.train.labels[:200])
     good = {k: v.clone() for k, v in model.state_dict().items()}
     with torch.no_grad():

@@ -43,8 +43,7 @@ def run(args: argparse.Namespace) -> int:
     if is_main and DistInfo().is_main:
         print(f"trained {result.steps} steps in {result.wall_time_s:.1f} s"
               + (f" (resumed from {result.resumed_from})" if result.resumed_from else ""))
-        if result.selected:
-            sel = result.selected
+        if sel := result.summaries.get("select"):
             print(f"selected: the weights of step {sel['best_step']} (best validation {sel['metric']} "
                   f"{sel['best_value']:.4g} of {len(sel['checks'])} checks; the last step scored "
                   f"{sel['checks'][-1][1]:.4g})")

@@ -103,6 +103,16 @@ class CheckpointHistory:
         self.entries = [e for e in self.entries if e["step"] <= step]
         return gone
 
+    def abandon_after(self, step: int) -> None:
+        """Delete every checkpoint after ``step`` and forget it (a collapse recovery abandons the
+        branch that collapsed), then write the index."""
+        for entry in self.drop_after(step):
+            (self.directory / entry["file"]).unlink(missing_ok=True)
+        for s, p in list_checkpoints(self.directory):
+            if s > step:
+                p.unlink(missing_ok=True)
+        self.sync()
+
     def protected_steps(self) -> tuple[int, ...]:
         """Steps whose checkpoints pruning must keep: the initial one and the thinned epoch history."""
         history = [e["step"] for e in self.entries if e["kind"] in ("epoch", "final")]

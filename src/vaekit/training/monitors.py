@@ -28,11 +28,11 @@ import torch
 from vaekit.errors import ConfigError, check_choice, check_positive
 from vaekit.evaluation.latent import active_units, mutual_information, unit_activity
 from vaekit.objectives.kl_control import KLControl
-from vaekit.training.callbacks import Callback
+from vaekit.training.callbacks import Callback, HeldOut
 from vaekit.training.schedules import KLConfig, KLSchedule
 
 if TYPE_CHECKING:
-    from vaekit.training.trainer import Trainer
+    from vaekit.training.callbacks import TrainingLoop
 
 
 @dataclass
@@ -80,24 +80,30 @@ class KLController(Callback):
 
     name = "kl"
 
-    def __init__(self, config: KLConfig, beta: float, total_steps: int, steps_per_epoch: int):
+    def __init__(self, config: KLConfig, beta: float, total_steps: int = 0, steps_per_epoch: int = 0):
         self.config, self.beta = config, beta
         self.total_steps, self.steps_per_epoch = total_steps, steps_per_epoch
         self.offset = 0
         self.free_bits = config.free_bits
         self.schedule_config = config
-        self._schedule = KLSchedule(config, beta, total_steps, steps_per_epoch)
+        self._schedule = KLSchedule(config, beta, total_steps, steps_per_epoch) if total_steps else None
+
+    def setup(self, loop: TrainingLoop) -> None:
+        """The schedule spans the run's steps: known once the loop has its data."""
+        self.total_steps, self.steps_per_epoch = loop.total_steps, loop.steps_per_epoch
+        self._rebuild()
 
     def control(self, step: int) -> KLControl:
         """The KL part of the loss for optimizer step ``step`` (0-based: the step being taken)."""
+        assert self._schedule is not None, "KLController.setup(loop) builds the schedule"
         cap = self._schedule.capacity(step)
         return KLControl(weight=self._schedule.weight(step), free_bits=self.free_bits,
                          kl_floor=self.config.kl_floor, capacity=cap, gamma=self.config.capacity_gamma)
 
-    def forward_kwargs(self, trainer: Trainer) -> dict[str, Any]:
-        return {"kl_control": self.control(trainer.state.step)}
+    def forward_kwargs(self, loop: TrainingLoop) -> dict[str, Any]:
+        return {"kl_control": self.control(loop.state.step)}
 
-    def on_step_end(self, trainer: Trainer, record: dict[str, Any]) -> None:
+    def on_step_end(self, loop: TrainingLoop, record: dict[str, Any]) -> None:
         c = self.control(record["step"] - 1)
         record["kl_weight"] = c.weight
         if c.capacity is not None:
@@ -148,9 +154,10 @@ class KLAlert:
 
 
 @torch.no_grad()
-def latent_stats(trainer: Trainer, x: torch.Tensor, y: torch.Tensor, au_threshold: float, seed: int) -> dict[str, Any]:
+def latent_stats(loop: TrainingLoop, x: torch.Tensor, y: torch.Tensor, au_threshold: float,
+                 seed: int) -> dict[str, Any]:
     """AU, per-unit activity and MI of the model's posterior on held-out ``x`` (eval mode)."""
-    model = trainer.model
+    model = loop.model
     was = model.training
     model.eval()
     means, logvars = [], []
@@ -171,38 +178,61 @@ class CollapseMonitor(Callback):
 
     name = "collapse"
 
-    def __init__(self, config: MonitorConfig, heldout_x: torch.Tensor, heldout_y: torch.Tensor, seed: int = 0):
-        self.config, self.x, self.y, self.seed = config, heldout_x, heldout_y, seed
+    def __init__(self, config: MonitorConfig, heldout_x: torch.Tensor | HeldOut, heldout_y: torch.Tensor | None = None,
+                 seed: int = 0, kl_controller: KLController | None = None):
+        """``heldout_x``, ``heldout_y``: held-out images (N, C, H, W) and labels (N,) on the model's
+        device, or a :class:`HeldOut` made into them at set-up; ``kl_controller``: the one the
+        ``recover`` remedies change (None: a recovery only reloads)."""
+        self.config, self.seed, self.kl_controller = config, seed, kl_controller
+        self.heldout = heldout_x if isinstance(heldout_x, HeldOut) else None
+        self.x, self.y = (None, None) if self.heldout else (heldout_x, heldout_y)
         self.alert = KLAlert(config.kl_threshold, config.patience)
         self.recoveries = 0
         self.alerts: list[dict[str, Any]] = []
         self.last_healthy_step = 0
         self.latest: dict[str, Any] | None = None
 
+    def setup(self, loop: TrainingLoop) -> None:
+        if self.heldout is not None:
+            self.x, self.y = self.heldout.tensors(loop.device)
+
+    def extra_terms(self, out: Any) -> dict[str, torch.Tensor]:
+        per_dim = getattr(out, "kl_per_dim", None) if self.config.log_kl_per_dim else None
+        return {"kl_per_dim": per_dim} if per_dim is not None else {}
+
+    def checkpoint_fields(self) -> dict[str, Any]:
+        latest = self.latest
+        return {"au": latest["au"] if latest else None, "mi": latest["mi"] if latest else None,
+                "latent_step": latest["step"] if latest else None}
+
+    def summary(self) -> dict[str, Any]:
+        """Collapse alerts (cause, step, onset, action) and the recoveries made."""
+        return {"recoveries": self.recoveries, "alerts": list(self.alerts)}
+
     # -- checks ----------------------------------------------------------------------------------
-    def on_step_end(self, trainer: Trainer, record: dict[str, Any]) -> None:
+    def on_step_end(self, loop: TrainingLoop, record: dict[str, Any]) -> None:
         step = record["step"]
         if self.alert.update(record["kl"]):
             onset = step - self.config.patience + 1
-            self._fire(trainer, "kl", onset, f"KL < {self.config.kl_threshold} nats for {self.config.patience} "
+            self._fire(loop, "kl", onset, f"KL < {self.config.kl_threshold} nats for {self.config.patience} "
                        f"consecutive steps ({onset}..{step})")
         every = self.config.every_steps
         if every and step % every == 0:
-            self.check_latents(trainer)
+            self.check_latents(loop)
 
-    def on_epoch_end(self, trainer: Trainer, epoch: int) -> None:
-        self.check_latents(trainer)
+    def on_epoch_end(self, loop: TrainingLoop, epoch: int) -> None:
+        self.check_latents(loop)
 
-    def check_latents(self, trainer: Trainer) -> dict[str, Any]:
+    def check_latents(self, loop: TrainingLoop) -> dict[str, Any]:
         """Compute AU and MI on the held-out set, log them, and alert when below thresholds."""
-        step = trainer.state.step
+        step = loop.state.step
         if self.latest is not None and self.latest["step"] == step:
             return self.latest
         t0 = time.perf_counter()
-        stats = latent_stats(trainer, self.x, self.y, self.config.au_threshold, self.seed + step)
+        stats = latent_stats(loop, self.x, self.y, self.config.au_threshold, self.seed + step)
         seconds = time.perf_counter() - t0
         self.latest = {"step": step, "au": stats["au"], "mi": stats["mi"]}
-        trainer.log_record({"type": "monitor", "step": step, "epoch": trainer.state.epoch, "au": stats["au"],
+        loop.log_record({"type": "monitor", "step": step, "epoch": loop.state.epoch, "au": stats["au"],
                             "mi": stats["mi"], "unit_activity": stats["activity"], "seconds": seconds})
         low_au = stats["au"] < self.config.min_active_units
         low_mi = stats["mi"] < self.config.min_mi
@@ -212,39 +242,39 @@ class CollapseMonitor(Callback):
                 why.append(f"active units {stats['au']} < {self.config.min_active_units}")
             if low_mi:
                 why.append(f"MI {stats['mi']:.4f} < {self.config.min_mi} nats")
-            self._fire(trainer, "latent", self.last_healthy_step + 1, "; ".join(why) + " on held-out data")
+            self._fire(loop, "latent", self.last_healthy_step + 1, "; ".join(why) + " on held-out data")
         else:
             self.last_healthy_step = step
         return self.latest
 
     # -- responses -------------------------------------------------------------------------------
-    def _fire(self, trainer: Trainer, cause: str, onset: int, reason: str) -> None:
+    def _fire(self, loop: TrainingLoop, cause: str, onset: int, reason: str) -> None:
         action = self.config.on_collapse
         if action == "recover" and self.recoveries >= self.config.max_recoveries:
             action = "stop"
             reason += f"; {self.recoveries} recoveries already made (monitor.max_recoveries)"
-        event = {"type": "event", "event": "collapse", "cause": cause, "step": trainer.state.step,
+        event = {"type": "event", "event": "collapse", "cause": cause, "step": loop.state.step,
                  "onset": onset, "reason": reason, "action": action}
         self.alerts.append({k: event[k] for k in ("cause", "step", "onset", "action")})
-        trainer.log_record(event)
+        loop.log_record(event)
         if action == "warn":
-            warnings.warn(f"posterior collapse suspected at step {trainer.state.step}: {reason}", stacklevel=2)
+            warnings.warn(f"posterior collapse suspected at step {loop.state.step}: {reason}", stacklevel=2)
         elif action == "stop":
-            trainer.request_stop(f"posterior collapse at step {trainer.state.step}: {reason}")
+            loop.request_stop(f"posterior collapse at step {loop.state.step}: {reason}")
         else:
-            trainer.request_recover(before_step=onset, reason=reason, remedy=self._remedy)
+            loop.request_recover(before_step=onset, reason=reason, remedy=self._remedy)
 
-    def _remedy(self, trainer: Trainer) -> str:
+    def _remedy(self, loop: TrainingLoop) -> str:
         """Applied after the reload: the stated change, counted."""
         self.recoveries += 1
         self.alert.streak = 0
         self.latest = None
-        ctl = trainer.kl_controller
+        ctl = self.kl_controller
         if ctl is None:
             return "no KL controller: reloaded only"
         if self.config.recover_action == "free_bits":
             return ctl.enable_free_bits(self.config.recover_free_bits)
-        return ctl.restart_schedule(trainer.state.step, self.config.recover_warmup_steps)
+        return ctl.restart_schedule(loop.state.step, self.config.recover_warmup_steps)
 
     # -- state -----------------------------------------------------------------------------------
     keep_state_on_recover = True  # the alert log and recovery count survive the reload they cause

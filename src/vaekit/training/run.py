@@ -11,6 +11,7 @@ from vaekit.data.dataset import ImageDataset
 from vaekit.models.base import build_model
 from vaekit.training.callbacks import Callback
 from vaekit.training.config import RunConfig
+from vaekit.training.standard import standard_callbacks
 from vaekit.training.trainer import Trainer, TrainResult
 
 
@@ -21,13 +22,15 @@ def prepare(
     callbacks: Sequence[Callback] = (),
 ) -> Trainer:
     """Load the data, build the model (initialised from ``config.train.seed``, the same on every
-    rank) and the :class:`Trainer`; every check the trainer makes on creation runs here."""
+    rank), its standard callbacks (KL control, collapse monitors, model selection; ``callbacks``
+    go between the monitors and the selector) and the :class:`Trainer`; every check the trainer
+    makes on creation runs here."""
     dc = config.data
     data = dataset or load_dataset(dc.dataset, data_dir=dc.data_dir, sources=dc.sources)
     torch.manual_seed(config.train.seed)
     model = build_model(config.model)
-    return Trainer(model, data, config.train, data_config=dc, run_dir=config.run_dir,
-                   run_config=config, callbacks=callbacks)
+    return Trainer(model, data, config.train, data_config=dc, run_dir=config.run_dir, run_config=config,
+                   callbacks=standard_callbacks(model, data, config, extra=callbacks))
 
 
 def train(

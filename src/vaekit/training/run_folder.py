@@ -36,6 +36,9 @@ from typing import Any
 
 from vaekit.atomic import TEMP_FILE_PATTERN, atomic_write_bytes, storage_error
 from vaekit.errors import CheckpointError, RunLockedError
+from vaekit.training.checkpoint import find_resumable, list_checkpoints
+from vaekit.training.history import CheckpointHistory
+from vaekit.training.metrics_log import MetricsLog
 
 LOCK = ".lock"
 HOLDER = "lock.json"
@@ -180,6 +183,57 @@ class RunFolder:
 
     def _check_locked(self) -> None:
         assert self.lock.held, "the run folder's lock must be held to change it"
+
+    # -- a run's start -------------------------------------------------------------------------
+    def sets_aside(self, resume: bool) -> bool:
+        """Does this start move an earlier run into previous/? (a fresh start, or nothing to resume from)"""
+        return not resume or (not list_checkpoints(self.checkpoint_dir) and self.has_results())
+
+    def check(self, resume: bool, config: dict[str, Any] | None) -> None:
+        """Without writing: the folder can be written and is not locked by another process; a resumed
+        run keeps the model config and data split, and has a readable checkpoint if any."""
+        check_writable(self.path)
+        if resume and not self.sets_aside(resume):
+            if config is not None:
+                self.check_compatible(config)
+            find_resumable(self.checkpoint_dir)  # CheckpointError when checkpoints exist but none is readable
+
+    def prepare(self, resume: bool, config: dict[str, Any] | None) -> list[dict[str, Any]]:
+        """Lock held: remove crash leftovers, set an earlier run aside when starting afresh, refuse a
+        resume that changes the model or the data split. Returns the events to log."""
+        notes: list[dict[str, Any]] = []
+        removed = self.clean_temporaries()
+        if removed:
+            notes.append({"event": "cleaned", "removed": [str(p.relative_to(self.path)) for p in removed]})
+        if self.sets_aside(resume) and (aside := self.set_aside()) is not None:
+            why = "starting afresh" if not resume else "nothing to resume from (no checkpoint)"
+            warnings.warn(f"{why}: the earlier run in {self.path} (checkpoints, metrics log, model) "
+                          f"was moved to {aside}", stacklevel=5)
+            notes.append({"event": "set_aside", "to": str(aside)})
+        if resume and config is not None:
+            self.check_compatible(config)
+        return notes
+
+    def open_history(self, keep_history: int) -> tuple[CheckpointHistory, list[dict[str, Any]]]:
+        """The checkpoint index (rebuilt, with a warning and an event, when damaged)."""
+        history = CheckpointHistory(self.checkpoint_dir, keep_history)
+        if history.problem is None:
+            return history, []
+        warnings.warn(f"{self.checkpoint_dir / 'index.json'} {history.problem}: rebuilt from "
+                      f"{len(history.entries)} checkpoint file(s)", stacklevel=5)
+        return history, [{"event": "index_rebuilt", "problem": history.problem}]
+
+    def open_log(self, step: int, epoch: int, branch: int, resumed: bool) -> MetricsLog:
+        """The metrics log, rewound to where the run continues: a resume keeps the records up to its
+        checkpoint (``step``, evaluations before ``epoch``, nothing of an abandoned ``branch``); a
+        fresh start keeps none (an earlier run's log was set aside; a torn start's is void)."""
+        log = MetricsLog(self.path / "metrics.jsonl")
+        if resumed:
+            log.truncate(lambda r: r.get("branch", 0) < branch or (
+                r.get("step", 0) <= step if r.get("type") != "eval" else r.get("epoch", 0) < epoch))
+        else:
+            log.truncate(lambda r: False)
+        return log
 
     # -- crash leftovers ----------------------------------------------------------------------
     def clean_temporaries(self) -> list[Path]:

@@ -35,11 +35,11 @@ from vaekit.errors import ConfigError, check_choice, check_positive
 from vaekit.evaluation.elbo import evaluate_elbo
 from vaekit.objectives.mmd import mmd_rbf
 from vaekit.training import distributed as D
-from vaekit.training.callbacks import Callback
+from vaekit.training.callbacks import Callback, HeldOut
 
 if TYPE_CHECKING:
     from vaekit.models.base import BaseModel
-    from vaekit.training.trainer import Trainer
+    from vaekit.training.callbacks import TrainingLoop
 
 METRICS = ("none", "prior_mmd", "val_loss")
 
@@ -95,12 +95,15 @@ class BestModelSelector(Callback):
 
     name = "select"
 
-    def __init__(self, config: SelectConfig, x: torch.Tensor, y: torch.Tensor):
+    def __init__(self, config: SelectConfig, x: torch.Tensor | HeldOut, y: torch.Tensor | None = None):
         if not config.enabled:
             raise ConfigError("BestModelSelector needs select.metric other than 'none'")
         self.config = config
-        n = min(config.samples, x.shape[0])
-        self.x, self.y = x[:n], y[:n]
+        self.heldout = x if isinstance(x, HeldOut) else None
+        if self.heldout is None:
+            assert isinstance(x, torch.Tensor) and y is not None
+            n = min(config.samples, x.shape[0])
+            self.x, self.y = x[:n], y[:n]
         self.key = f"select_{config.metric}"
         self.best_value: float | None = None
         self.best_step: int | None = None
@@ -109,6 +112,10 @@ class BestModelSelector(Callback):
         self.history: list[tuple[int, float]] = []
         self._prior: torch.Tensor | None = None
         self._bandwidths: tuple[float, ...] | None = None
+
+    def setup(self, loop: TrainingLoop) -> None:
+        if self.heldout is not None:  # a prefix of the held-out draw: uniform too
+            self.x, self.y = self.heldout.tensors(loop.device)
 
     # -- scoring -----------------------------------------------------------------------------------
     def _prior_and_kernel(self, model: Any) -> tuple[torch.Tensor, tuple[float, ...]]:
@@ -149,52 +156,54 @@ class BestModelSelector(Callback):
             model.train(was)
         return value
 
-    def check(self, trainer: Trainer) -> float:
+    def check(self, loop: TrainingLoop) -> float:
         """Score now (rank 0, broadcast to the others); keep the weights when they are the best so far."""
-        step = trainer.state.step
-        value = self.score(trainer.model) if trainer.dist.is_main else None
-        value = float(D.broadcast_object(value, trainer.dist))
+        step = loop.state.step
+        value = self.score(loop.model) if loop.dist.is_main else None
+        value = float(D.broadcast_object(value, loop.dist))
         self.checked_at = step
         self.history.append((step, value))
         if self.best_value is None or _rank(value) < _rank(self.best_value):
             self.best_value, self.best_step = value, step
-            self.best_weights = {k: v.detach().cpu().clone() for k, v in trainer.model.state_dict().items()}
+            self.best_weights = {k: v.detach().cpu().clone() for k, v in loop.model.state_dict().items()}
         return value
 
     # -- hooks -------------------------------------------------------------------------------------
-    def on_step_end(self, trainer: Trainer, record: dict[str, Any]) -> None:
+    def on_step_end(self, loop: TrainingLoop, record: dict[str, Any]) -> None:
         every = self.config.every_steps
-        if every and trainer.state.step % every == 0:
-            record[self.key] = self.check(trainer)
+        if every and loop.state.step % every == 0:
+            record[self.key] = self.check(loop)
             record["select_best_step"] = self.best_step
 
-    def on_epoch_end(self, trainer: Trainer, epoch: int) -> None:
-        if not self.config.every_steps and self.checked_at != trainer.state.step:
-            value = self.check(trainer)
-            trainer.log_record({"type": "select", "step": trainer.state.step, "epoch": epoch, self.key: value,
+    def on_epoch_end(self, loop: TrainingLoop, epoch: int) -> None:
+        if not self.config.every_steps and self.checked_at != loop.state.step:
+            value = self.check(loop)
+            loop.log_record({"type": "select", "step": loop.state.step, "epoch": epoch, self.key: value,
                                 "select_best_step": self.best_step})
 
-    def finish(self, trainer: Trainer) -> bool:
+    def finish(self, loop: TrainingLoop) -> bool:
         """Score the final weights too, then load the best ones into the model.
 
         Returns True when that changed the model's weights."""
-        if self.checked_at != trainer.state.step:
-            self.check(trainer)
+        if self.checked_at != loop.state.step:
+            self.check(loop)
         assert self.best_weights is not None and self.best_value is not None
-        current = trainer.model.state_dict()
+        current = loop.model.state_dict()
         changed = any(not torch.equal(v.detach().cpu(), self.best_weights[k]) for k, v in current.items())
         if changed:
-            trainer.model.load_state_dict(self.best_weights)
-        trainer.log_record({"type": "event", "step": trainer.state.step, "event": "select",
+            loop.model.load_state_dict(self.best_weights)
+        loop.log_record({"type": "event", "step": loop.state.step, "event": "select",
                             "metric": self.config.metric, "best_step": self.best_step, "best_value": self.best_value,
                             "last_value": self.history[-1][1]})
         return changed
 
-    @property
     def summary(self) -> dict[str, Any]:
         """What was selected: metric, best step and value, and every check (step, value)."""
         return {"metric": self.config.metric, "best_step": self.best_step, "best_value": self.best_value,
                 "checks": [list(h) for h in self.history]}
+
+    def model_metadata(self) -> dict[str, Any]:
+        return {"selected": {k: v for k, v in self.summary().items() if k != "checks"}}
 
     def state_dict(self) -> dict[str, Any]:
         return {"best_value": self.best_value, "best_step": self.best_step, "best_weights": self.best_weights,

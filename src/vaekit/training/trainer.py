@@ -1,10 +1,17 @@
 """The training loop: lean per step, exact on resume, safe on crashes.
 
-Per step: forward, one host sync for the loss terms (logging and the NaN guard),
-backward, optimizer step. Everything random is either derived from
-``(seed, epoch, batch)`` (data order, binarization) or carried in checkpoints (the
-torch RNG streams, per rank), so an interrupted run resumed from its last
-checkpoint finishes bit-identical on CPU to one that never stopped.
+``Trainer.fit`` reads as four calls: prepare (run folder, data, optimizers, resumed state),
+train an epoch (each step: forward, one host sync for the loss terms, backward, optimizer
+step), end the epoch (evaluate, callbacks, checkpoint), finish (final evaluation, model). What
+the run folder does (lock, crash leftovers, earlier runs set aside, config revisions, the
+metrics log rewound on resume) is :class:`~vaekit.training.run_folder.RunFolder`'s; the
+checkpoint index is :class:`~vaekit.training.history.CheckpointHistory`'s; everything else
+(KL control, collapse monitors, model selection, progress bar, TensorBoard) is a callback,
+which sees the loop only as a :class:`~vaekit.training.callbacks.TrainingLoop`.
+
+Everything random is either derived from ``(seed, epoch, batch)`` (data order, binarization)
+or carried in checkpoints (the torch RNG streams, per rank), so an interrupted run resumed from
+its last checkpoint finishes bit-identical on CPU to one that never stopped.
 """
 
 from __future__ import annotations
@@ -14,9 +21,9 @@ import os
 import re
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,12 +33,12 @@ from torch.nn.parallel import DistributedDataParallel
 from vaekit.atomic import storage_error
 from vaekit.config import to_dict
 from vaekit.data import LOADERS
-from vaekit.data.dataset import BatchLoader, ImageDataset, ImageSplit, eval_loader, mix_seed
+from vaekit.data.dataset import BatchLoader, ImageDataset, eval_loader, mix_seed
 from vaekit.errors import CheckpointError, ConfigError, InputError, StorageError, TrainingDivergedError
 from vaekit.evaluation.elbo import evaluate_elbo
 from vaekit.models.base import BaseModel
 from vaekit.training import distributed as D
-from vaekit.training.callbacks import Callback
+from vaekit.training.callbacks import Callback, TrainingLoop, TrainState
 from vaekit.training.checkpoint import (
     checkpoint_name,
     find_resumable,
@@ -44,19 +51,10 @@ from vaekit.training.checkpoint import (
 from vaekit.training.config import DataConfig, RunConfig, TrainConfig
 from vaekit.training.history import CheckpointHistory
 from vaekit.training.metrics_log import MetricsLog
-from vaekit.training.monitors import CollapseMonitor, KLController, MonitorConfig
-from vaekit.training.run_folder import RunFolder, check_writable
-from vaekit.training.schedules import KLConfig
-from vaekit.training.selection import BestModelSelector, SelectConfig, check_selectable
+from vaekit.training.reporting import reporting_callbacks, tensorboard_writer_class
+from vaekit.training.run_folder import RunFolder
 
-
-@dataclass
-class TrainState:
-    """Where training stands: ``step`` optimizer steps done; the next batch is ``batch`` of ``epoch``."""
-
-    step: int = 0
-    epoch: int = 0
-    batch: int = 0
+__all__ = ["TrainResult", "TrainState", "Trainer", "pick_device"]
 
 
 @dataclass
@@ -70,10 +68,23 @@ class TrainResult:
     final_eval: dict[str, Any] | None
     wall_time_s: float
     resumed_from: str | None
-    stopped: str | None = None  # why training ended early (a collapse with monitor.on_collapse=stop)
-    recoveries: int = 0  # collapse recoveries made
-    alerts: list[dict[str, Any]] | None = None  # collapse alerts: cause, step, onset, action
-    selected: dict[str, Any] | None = None  # model selection: metric, best step and value, every check
+    stopped: str | None = None  # why training ended early (a callback asked to stop)
+    # each callback's summary() by its name, e.g. "collapse": alerts and recoveries, "select": the selection
+    summaries: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+@dataclass
+class _Run:
+    """What one call of :meth:`Trainer.fit` works with."""
+
+    loader: BatchLoader
+    test: BatchLoader | None
+    net: torch.nn.Module  # the model, or its DDP wrapper
+    names: list[str] = field(default_factory=list)  # the logged loss terms
+    resumed: str | None = None  # the checkpoint resumed from
+    final_eval: dict[str, Any] | None = None
+    evaluated_at: int = -1  # step of the last evaluation (the same on every rank; only rank 0 holds results)
+    last_time: float = 0.0
 
 
 def pick_device(name: str) -> torch.device:
@@ -107,11 +118,10 @@ class Trainer:
         data_config: binarization and subsets (defaults: grey levels, full splits).
         run_dir: where checkpoints, ``metrics.jsonl`` and the final model go.
         run_config: the whole resolved config, saved in the run folder for reproducibility.
-        callbacks: hooks called during training; their state is checkpointed.
-        kl: KL schedule, free bits and floor (default: constant weight ``model.config.beta``).
-        monitor: posterior-collapse monitors and the response to an alert.
-        select: model selection on ``data_config.validation`` held-out training examples: the
-            best weights by ``select.metric`` are the ones evaluated and saved at the end.
+        callbacks: hooks called during training, in this order; their state is checkpointed.
+            A configured run's KL control, collapse monitors and model selection come from
+            :func:`vaekit.training.standard.standard_callbacks`; the progress bar and TensorBoard
+            are added from ``config``.
     """
 
     def __init__(
@@ -124,9 +134,6 @@ class Trainer:
         run_dir: str | Path = "runs/vae",
         run_config: RunConfig | None = None,
         callbacks: Sequence[Callback] = (),
-        kl: KLConfig | None = None,
-        monitor: MonitorConfig | None = None,
-        select: SelectConfig | None = None,
     ):
         if not isinstance(model, BaseModel):
             raise InputError(f"model must be a vaekit model (BaseModel), got {type(model).__name__}")
@@ -139,46 +146,52 @@ class Trainer:
         if data_config is None:
             data_config = DataConfig(dataset=dataset.name) if dataset.name in LOADERS else DataConfig()
         self.data_config = data_config
+        self.data_config.check_sizes(dataset)  # before anything is written
         self.run_dir = Path(run_dir)
         self.folder = RunFolder(self.run_dir)
         self.run_config = run_config
-        self.user_callbacks = list(callbacks)
         self.callbacks = list(callbacks)
-        self.kl_config = kl or (run_config.kl if run_config else KLConfig())
-        self.monitor_config = monitor or (run_config.monitor if run_config else MonitorConfig())
-        self.select_config = select or (run_config.select if run_config else SelectConfig())
-        if self.select_config.enabled and not self.data_config.validation:
-            raise ConfigError(f"select.metric={self.select_config.metric!r} scores on a validation split: "
-                              f"set data.validation to the number of training examples to hold out (e.g. 5000)")
-        if self.select_config.enabled:
-            check_selectable(model, self.select_config)
-        self.data_config.check_sizes(dataset)  # before anything is written
-        self.selector: BestModelSelector | None = None
-        self.kl_controller: KLController | None = None
-        self.monitor: CollapseMonitor | None = None
         names = [c.name for c in self.callbacks]
         if len(set(names)) != len(names):
             raise InputError(f"callback names must be unique (they key checkpoint state), got {names}")
+        self.reporters: list[Callback] = []  # progress bar, TensorBoard: made in fit (rank 0 only)
         self.state = TrainState()
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
         self.dist = D.DistInfo()
         self.device = torch.device("cpu")
+        self.total_steps = self.steps_per_epoch = 0
         self.last_checkpoint: Path | None = None
         self.log: MetricsLog | None = None
-        self._tb: Any = None
-        self._check_inputs = True  # validate the first batch's values; the loader guarantees the rest
+        self.history: CheckpointHistory | None = None
         self.branch = 0  # collapse recoveries so far: records after a recovery carry it
+        self._check_inputs = True  # validate the first batch's values; the loader guarantees the rest
         self._stop_reason: str | None = None
-        self._recover: tuple[int, str, Any] | None = None
+        self._recover: tuple[int, str, Callable[[TrainingLoop], str]] | None = None
         self._last_eval: dict[str, Any] | None = None
         self._recent_kl: list[float] = []
-        self.history: CheckpointHistory | None = None
         self._notes: list[dict[str, Any]] = []  # events found before the log opens (skipped checkpoints, ...)
 
-    # -- set-up ----------------------------------------------------------------------------------
     @property
     def checkpoint_dir(self) -> Path:
         return self.run_dir / "checkpoints"
+
+    @property
+    def hooks(self) -> list[Callback]:
+        """Every callback the loop calls: the given ones, then the reporters."""
+        return self.callbacks + self.reporters
+
+    @property
+    def stop_requested(self) -> str | None:
+        """Why training was asked to stop (None: it was not)."""
+        return self._stop_reason
+
+    @property
+    def lr(self) -> float:
+        """Learning rate of the first optimizer's first parameter group."""
+        return next(iter(self.optimizers.values())).param_groups[0]["lr"]
+
+    def _config_dict(self) -> dict[str, Any] | None:
+        return self.run_config.to_dict() if self.run_config is not None else None
 
     def _autocast(self):
         if self.config.precision == "bf16" and self.device.type == "cuda":
@@ -190,49 +203,276 @@ class Trainer:
         the device, TensorBoard, the run folder (writable, not locked by another process, a resumed
         run's model config and data split)."""
         pick_device(self.config.device)
-        if self.config.tensorboard == "on":
-            try:
-                import torch.utils.tensorboard  # noqa: F401
-            except ImportError:
-                raise ConfigError("train.tensorboard is 'on' but tensorboard is not installed "
-                                  "(pip install 'vaekit[tensorboard]')") from None
-        check_writable(self.run_dir)
-        if resume and not self._sets_aside(resume):
-            if self.run_config is not None:
-                self.folder.check_compatible(self.run_config.to_dict())
-            find_resumable(self.checkpoint_dir)  # CheckpointError when checkpoints exist but none is readable
+        tensorboard_writer_class(self.config.tensorboard)
+        self.folder.check(resume, self._config_dict())
 
-    def _sets_aside(self, resume: bool) -> bool:
-        """Does this start move an earlier run into previous/? (a fresh start, or nothing to resume from)"""
-        return not resume or (not list_checkpoints(self.checkpoint_dir) and self.folder.has_results())
-
-    def _prepare_folder(self, resume: bool) -> None:
-        """Rank 0, lock held: remove crash leftovers, set an earlier run aside when starting afresh,
-        refuse a resume that changes the model or the data split."""
-        self._notes = []
-        removed = self.folder.clean_temporaries()
-        if removed:
-            self._notes.append({"event": "cleaned", "removed": [str(p.relative_to(self.run_dir)) for p in removed]})
-        if self._sets_aside(resume) and (aside := self.folder.set_aside()) is not None:
-            why = "starting afresh" if not resume else "nothing to resume from (no checkpoint)"
-            warnings.warn(f"{why}: the earlier run in {self.run_dir} (checkpoints, metrics log, model) "
-                          f"was moved to {aside}", stacklevel=4)
-            self._notes.append({"event": "set_aside", "to": str(aside)})
-        if resume and self.run_config is not None:
-            self.folder.check_compatible(self.run_config.to_dict())
-
-    def _open_tensorboard(self) -> None:
-        if self.config.tensorboard == "off":
-            return
+    # -- the loop --------------------------------------------------------------------------------
+    def fit(self, resume: bool = True) -> TrainResult:
+        """Train until ``epochs`` (or ``max_steps``) are done; resume from the run's newest checkpoint."""
+        t_start = time.perf_counter()
+        ok = False
         try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            if self.config.tensorboard == "on":
-                raise ConfigError("train.tensorboard is 'on' but tensorboard is not installed "
-                                  "(pip install 'vaekit[tensorboard]')") from None
-            return
-        self._tb = SummaryWriter(str(self.run_dir / "tensorboard"))
+            self._start_processes()
+            run = self._prepare(resume)
+            while self.state.step < self.total_steps and not self._stop_reason:
+                self._train_epoch(run)
+            result = self._finish(run, t_start)
+            ok = True
+            return result
+        finally:
+            self._close(ok)
 
+    def _start_processes(self) -> None:
+        """Device, process group, reporters; the run folder's lock (rank 0, held until the run ends)."""
+        self.device = pick_device(self.config.device)
+        self.dist = D.init_distributed(self.device.type == "cuda")
+        if self.dist.enabled and self.device.type == "cuda":
+            self.device = torch.device("cuda", self.dist.local_rank)
+        self.reporters = reporting_callbacks(self.config, self.run_dir, self.dist.is_main)
+        if self.dist.is_main:
+            self.folder.lock.acquire()
+
+    def _close(self, ok: bool) -> None:
+        try:
+            if self.log:
+                self.log.close(quiet=not ok)
+            for cb in self.hooks:
+                cb.close()
+        finally:
+            self.folder.lock.release()
+            D.shutdown(self.dist)
+
+    def _prepare(self, resume: bool) -> _Run:
+        """Run folder, data, optimizers, callbacks, resumed state and the log: everything before step one."""
+        cfg, info = self.config, self.dist
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        self._notes = self.folder.prepare(resume, self._config_dict()) if info.is_main else []
+        D.barrier(info)
+        run = self._build()
+        for cb in self.hooks:
+            cb.setup(self)
+        torch.manual_seed(mix_seed(cfg.seed, info.rank, 0xA0))
+        if info.is_main:
+            self.history, notes = self.folder.open_history(cfg.keep_history)
+            self._notes += notes
+        run.resumed = self._resume() if resume else None
+        if info.is_main:
+            self._open_log(run.resumed)
+        for cb in self.hooks:
+            cb.on_fit_start(self)
+        if not run.resumed:
+            self.save_checkpoint("initial")  # the state before any step: always a place to recover to
+        run.names = self._term_names(run.loader)
+        run.last_time = time.perf_counter()
+        return run
+
+    def _build(self) -> _Run:
+        """The model on its device, the loaders, the optimizers and the step budget."""
+        cfg, dc, info = self.config, self.data_config, self.dist
+        model = self.model.to(self.device).train()
+        train_split, _ = dc.train_splits(self.dataset.train)
+        loader = BatchLoader(train_split, cfg.batch_size, shuffle=True, binarize=dc.binarize,
+                             seed=mix_seed(cfg.seed, dc.binarize_seed), drop_last=cfg.drop_last,
+                             rank=info.rank, world_size=info.world_size, device=self.device)
+        test = eval_loader(self.dataset.test.subset(dc.test_subset), cfg.eval_batch_size, dc.binarize,
+                           dc.binarize_seed, self.device) if info.is_main else None
+        net: torch.nn.Module = model
+        if info.enabled:
+            net = DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.optimizers = model.configure_optimizers(cfg)
+        model.on_train_data(len(train_split))
+        self.steps_per_epoch = len(loader)
+        self.total_steps = cfg.epochs * self.steps_per_epoch
+        if cfg.max_steps is not None:
+            self.total_steps = min(self.total_steps, cfg.max_steps)
+        return _Run(loader, test, net)
+
+    def _open_log(self, resumed: str | None) -> None:
+        """Rank 0: record the config, rewind the log and the index to where the run continues, log the start."""
+        assert self.history is not None
+        st = self.state
+        if self.run_config is not None:
+            revision = self.folder.record_config(self.run_config.to_dict(), st.step)
+            if revision is not None:
+                self._notes.append({"event": "config_revision", "revision": revision["revision"],
+                                    "changed": revision["changed"]})
+        self.log = self.folder.open_log(st.step, st.epoch, self.branch, resumed is not None)
+        self.history.drop_after(st.step if resumed else -1)
+        for note in self._notes:  # what was found on the way in, then the start itself
+            self.log.write({"type": "event", "step": st.step, **note})
+        self.log.write({"type": "event", "step": st.step, "event": "resume" if resumed else "start",
+                        "checkpoint": resumed, "world_size": self.dist.world_size, "device": str(self.device)})
+
+    def _train_epoch(self, run: _Run) -> None:
+        """The rest of the current epoch: steps until its end, the budget, a stop or a recovery."""
+        every = self.config.checkpoint_every
+        for cb in self.hooks:
+            cb.on_epoch_start(self, self.state.epoch)
+        for x, y in run.loader.epoch(self.state.epoch, start=self.state.batch):
+            self._after_step(self._step(run, x, y))
+            if self._recover is not None:
+                break
+            if every and self.state.step % every == 0:
+                self.save_checkpoint()
+            if self.state.step >= self.total_steps or self._stop_reason:
+                break
+        if self._recover is not None:
+            self._recover_now()
+        elif self.state.batch >= self.steps_per_epoch:
+            self._end_epoch(run)
+        elif not every or self.state.step % every:  # stopped mid-epoch: keep where it stopped
+            self.save_checkpoint()
+
+    def _step(self, run: _Run, x: torch.Tensor, y: torch.Tensor) -> dict[str, Any]:
+        """One optimizer step on the batch (x, y); returns its metrics record."""
+        kwargs = self.forward_kwargs(y)
+        self._check_inputs = False
+        custom = self.model.custom_train_step
+        with self._autocast():
+            out = self.model.train_step(run.net, x, y, self.optimizers, kwargs) if custom else run.net(x, **kwargs)
+        values = self._gather_terms(out, run.names)
+        if not _finite(values):
+            self._diverged(values)
+        if not custom:
+            for opt in self.optimizers.values():
+                opt.zero_grad(set_to_none=True)
+            out.loss.backward()
+            if self.config.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+            for opt in self.optimizers.values():
+                opt.step()
+        self.state.step += 1
+        self.state.batch += 1
+        now = time.perf_counter()
+        record = {"type": "train", "step": self.state.step, "epoch": self.state.epoch, **values, "lr": self.lr,
+                  "samples_per_s": self.config.batch_size / max(now - run.last_time, 1e-9)}
+        run.last_time = now
+        if self.branch:
+            record["branch"] = self.branch
+        return record
+
+    def _after_step(self, record: dict[str, Any]) -> None:
+        for cb in self.hooks:
+            cb.on_step_end(self, record)
+        self._recent_kl = (self._recent_kl + [record["kl"]])[-50:] if "kl" in record else []
+        if self.dist.is_main:
+            self.log.write(record)  # type: ignore[union-attr]
+
+    def _end_epoch(self, run: _Run) -> None:
+        """Evaluate (every ``eval_every`` epochs and at the last), call the callbacks, checkpoint."""
+        epoch, every = self.state.epoch, self.config.eval_every
+        if every and ((epoch + 1) % every == 0 or self.state.step >= self.total_steps):
+            run.final_eval = self.evaluate(run.test, epoch)
+            run.evaluated_at = self.state.step
+        for cb in self.hooks:
+            cb.on_epoch_end(self, epoch)
+        self.state.epoch += 1
+        self.state.batch = 0
+        self.save_checkpoint("epoch")
+        if self._recover is not None:  # an epoch-end check asked for it
+            self._recover_now()
+
+    def _finish(self, run: _Run, t_start: float) -> TrainResult:
+        """The callbacks' last word (e.g. the selected weights), the final evaluation, the model."""
+        if any([cb.finish(self) for cb in self.hooks]):  # a list: every callback finishes
+            run.evaluated_at = -1  # the weights changed: evaluate the ones saved
+        if run.evaluated_at != self.state.step and self.config.eval_every:
+            run.final_eval = self.evaluate(run.test, self.state.epoch)
+        model_dir = self._save_model(run.final_eval) if self.dist.is_main else None
+        D.barrier(self.dist)
+        for cb in self.hooks:
+            cb.on_fit_end(self)
+        summaries = {cb.name: s for cb in self.hooks if (s := cb.summary()) is not None}
+        return TrainResult(self.run_dir, model_dir, self.state.step, self.state.epoch, run.final_eval,
+                           time.perf_counter() - t_start, run.resumed, self._stop_reason, summaries)
+
+    def _term_names(self, loader: BatchLoader) -> list[str]:
+        """Names of the logged loss terms, from a forward pass on two examples (RNG untouched)."""
+        model = self.model
+        x, y = next(loader.epoch(0))
+        devices = [self.device] if self.device.type == "cuda" else []
+        kwargs = {"y": y[:2]} if model.uses_labels else {}
+        with torch.no_grad(), torch.random.fork_rng(devices=devices):
+            was = model.training
+            model.eval()  # eval mode: no running statistics (EMA codebooks, batch norm) are updated
+            out = model(x[:2], **kwargs)
+            model.train(was)
+        return list(out.terms())
+
+    def forward_kwargs(self, y: torch.Tensor) -> dict[str, Any]:
+        """Keyword arguments of this step's forward call."""
+        kwargs: dict[str, Any] = {"check": self._check_inputs}
+        if self.model.uses_labels:
+            kwargs["y"] = y
+        for cb in self.callbacks:
+            kwargs.update(cb.forward_kwargs(self))
+        return kwargs
+
+    def _gather_terms(self, out: Any, names: list[str]) -> dict[str, Any]:
+        """Loss terms as floats (plus the callbacks' extra terms as lists), averaged over ranks: one host sync."""
+        terms = out.terms()
+        extra = [(k, t.detach().float().reshape(-1)) for cb in self.callbacks for k, t in cb.extra_terms(out).items()]
+        parts = [torch.stack([terms[k].detach().float() for k in names]), *(t for _, t in extra)]
+        packed = D.all_reduce_mean(torch.cat(parts), self.dist).tolist()
+        values: dict[str, Any] = dict(zip(names, packed[: len(names)], strict=True))
+        i = len(names)
+        for k, t in extra:
+            values[k], i = packed[i: i + t.numel()], i + t.numel()
+        return values
+
+    # -- what callbacks may ask for --------------------------------------------------------------
+    def log_record(self, record: dict[str, Any]) -> None:
+        """Write a record to the metrics log (rank 0; others ignore it)."""
+        if self.dist.is_main and self.log is not None:
+            if self.branch and "branch" not in record:
+                record = {**record, "branch": self.branch}
+            self.log.write(record)
+
+    def request_stop(self, reason: str) -> None:
+        """End training after the current step (the model is still saved)."""
+        self._stop_reason = reason
+        self.log_record({"type": "event", "event": "stop", "step": self.state.step, "reason": reason})
+
+    def request_recover(self, before_step: int, reason: str, remedy: Callable[[TrainingLoop], str]) -> None:
+        """After the current step, reload the newest checkpoint older than ``before_step`` and call ``remedy(self)``."""
+        self._recover = (before_step, reason, remedy)
+
+    def _recover_now(self) -> None:
+        assert self._recover is not None
+        before_step, reason, remedy = self._recover
+        self._recover = None
+        found = self._checkpoint_before(before_step)
+        if found is None:
+            self.request_stop(f"cannot recover: no readable checkpoint before step {before_step}; {reason}")
+            return
+        payload, path = found
+        self._restore(payload, path, recovering=True)
+        abandoned = self.state.step
+        self.branch += 1
+        change = remedy(self)
+        self._recent_kl = []
+        if self.dist.is_main and self.history is not None:
+            self.history.abandon_after(abandoned)  # the checkpoints of the collapsed branch
+        self.log_record({"type": "event", "event": "recover", "step": self.state.step, "from_checkpoint": str(path),
+                         "reason": reason, "change": change})
+        self.last_checkpoint = path
+        D.barrier(self.dist)
+
+    def _checkpoint_before(self, step: int) -> tuple[dict[str, Any], Path] | None:
+        """The newest readable checkpoint older than ``step`` (every rank reads the same files, so
+        all make the same choice)."""
+        for _, path in reversed([(s, p) for s, p in list_checkpoints(self.checkpoint_dir) if s < step]):
+            try:
+                return load_checkpoint(path), path
+            except CheckpointError as exc:  # every rank skips the same files
+                if self.dist.is_main:
+                    warnings.warn(f"recovery: skipping checkpoint {path.name}: {exc}", stacklevel=3)
+                self.log_record({"type": "event", "event": "skipped_checkpoint", "step": self.state.step,
+                                 "file": path.name, "reason": str(exc)})
+        return None
+
+    # -- checkpoints -----------------------------------------------------------------------------
     def _checkpoint_payload(self) -> dict[str, Any]:
         rngs = D.gather_objects(_rng_state(self.device), self.dist)
         return {
@@ -276,10 +516,8 @@ class Trainer:
         fresh = ev is not None and ev.get("step") == step
         for k in ("loss", "recon", "kl", "neg_elbo"):
             out[f"test_{k}"] = ev.get(k) if fresh else None
-        latest = self.monitor.latest if self.monitor else None
-        out["au"] = latest["au"] if latest else None
-        out["mi"] = latest["mi"] if latest else None
-        out["latent_step"] = latest["step"] if latest else None
+        for cb in self.callbacks:
+            out.update(cb.checkpoint_fields())
         return out
 
     def _resume(self) -> str | None:
@@ -321,316 +559,6 @@ class Trainer:
             if cb.name in payload.get("callbacks", {}) and not (recovering and cb.keep_state_on_recover):
                 cb.load_state_dict(payload["callbacks"][cb.name])
 
-    # -- the loop --------------------------------------------------------------------------------
-    def fit(self, resume: bool = True) -> TrainResult:
-        """Train until ``epochs`` (or ``max_steps``) are done; resume from the run's newest checkpoint."""
-        t_start = time.perf_counter()
-        cfg = self.config
-        self.device = pick_device(cfg.device)
-        self.dist = D.init_distributed(self.device.type == "cuda")
-        if self.dist.enabled and self.device.type == "cuda":
-            self.device = torch.device("cuda", self.dist.local_rank)
-        ok = False
-        try:
-            if self.dist.is_main:
-                self.folder.lock.acquire()  # one writer per run folder, held until the run ends
-            result = self._fit(resume, t_start)
-            ok = True
-            return result
-        finally:
-            try:
-                if self.log:
-                    self.log.close(quiet=not ok)
-                if self._tb is not None:
-                    self._tb.close()
-            finally:
-                self.folder.lock.release()
-                D.shutdown(self.dist)
-
-    def _fit(self, resume: bool, t_start: float) -> TrainResult:
-        cfg, dc, info = self.config, self.data_config, self.dist
-        if cfg.threads:
-            torch.set_num_threads(cfg.threads)
-        if info.is_main:
-            self._prepare_folder(resume)
-        D.barrier(info)
-        model = self.model.to(self.device).train()
-        train_split, validation = dc.train_splits(self.dataset.train)
-        loader = BatchLoader(train_split, cfg.batch_size, shuffle=True, binarize=dc.binarize,
-                             seed=mix_seed(cfg.seed, dc.binarize_seed), drop_last=cfg.drop_last,
-                             rank=info.rank, world_size=info.world_size, device=self.device)
-        test = eval_loader(self.dataset.test.subset(dc.test_subset), cfg.eval_batch_size, dc.binarize,
-                           dc.binarize_seed, self.device) if info.is_main else None
-        net: torch.nn.Module = model
-        if info.enabled:
-            net = DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        self.optimizers = model.configure_optimizers(cfg)
-        model.on_train_data(len(train_split))
-        steps_per_epoch = len(loader)
-        total = cfg.epochs * steps_per_epoch
-        if cfg.max_steps is not None:
-            total = min(total, cfg.max_steps)
-        self._setup_dynamics(model, total, steps_per_epoch, validation)
-        torch.manual_seed(mix_seed(cfg.seed, info.rank, 0xA0))
-        if info.is_main:
-            self.history = CheckpointHistory(self.checkpoint_dir, cfg.keep_history)
-            if self.history.problem is not None:
-                warnings.warn(f"{self.checkpoint_dir / 'index.json'} {self.history.problem}: rebuilt from "
-                              f"{len(self.history.entries)} checkpoint file(s)", stacklevel=3)
-                self._notes.append({"event": "index_rebuilt", "problem": self.history.problem})
-        resumed = self._resume() if resume else None
-        if info.is_main:
-            if self.run_config is not None:
-                revision = self.folder.record_config(self.run_config.to_dict(), self.state.step)
-                if revision is not None:
-                    self._notes.append({"event": "config_revision", "revision": revision["revision"],
-                                        "changed": revision["changed"]})
-            self.log = MetricsLog(self.run_dir / "metrics.jsonl")
-            assert self.history is not None
-            if resumed:
-                st, branch = self.state, self.branch
-                self.log.truncate(lambda r: r.get("branch", 0) < branch or (
-                    r.get("step", 0) <= st.step if r.get("type") != "eval" else r.get("epoch", 0) < st.epoch))
-                self.history.drop_after(st.step)
-            else:
-                self.log.truncate(lambda r: False)  # an earlier run's log was set aside; a torn start's is void
-                self.history.drop_after(-1)
-            self._open_tensorboard()
-            for note in self._notes:  # what was found on the way in, then the start itself
-                self.log.write({"type": "event", "step": self.state.step, **note})
-            self.log.write({"type": "event", "step": self.state.step, "event": "resume" if resumed else "start",
-                            "checkpoint": resumed, "world_size": info.world_size, "device": str(self.device)})
-        for cb in self.callbacks:
-            cb.on_fit_start(self)
-        if not resumed:
-            self.save_checkpoint("initial")  # the state before any step: always a place to recover to
-
-        final_eval: dict[str, Any] | None = None
-        evaluated_at = -1  # step of the last evaluation (the same on every rank; only rank 0 holds results)
-        show = cfg.progress and info.is_main
-        names = list(self._term_names(model, loader))
-        last_time = time.perf_counter()
-
-        while self.state.step < total:
-            epoch = self.state.epoch
-            bar = _progress(show, steps_per_epoch, self.state.batch, f"epoch {epoch + 1}/{cfg.epochs}")
-            for x, y in loader.epoch(epoch, start=self.state.batch):
-                values = self._step(net, x, y, names)
-                self.state.step += 1
-                self.state.batch += 1
-                now = time.perf_counter()
-                record = {"type": "train", "step": self.state.step, "epoch": epoch, **values,
-                          "lr": self.lr,
-                          "samples_per_s": cfg.batch_size / max(now - last_time, 1e-9)}
-                last_time = now
-                if self.branch:
-                    record["branch"] = self.branch
-                for cb in self.callbacks:
-                    cb.on_step_end(self, record)
-                self._recent_kl = (self._recent_kl + [values["kl"]])[-50:] if "kl" in values else []
-                if info.is_main:
-                    self.log.write(record)  # type: ignore[union-attr]
-                    if self._tb is not None:
-                        for k, v in record.items():
-                            if k not in ("type", "step", "epoch") and isinstance(v, int | float):
-                                self._tb.add_scalar(f"train/{k}", v, self.state.step)
-                    if bar is not None:
-                        bar.update(1)
-                        if self.state.step % 20 == 0:
-                            bar.set_postfix({k: f"{values[k]:.2f}" for k in names[:4]}, refresh=False)
-                if self._recover is not None:
-                    break
-                if cfg.checkpoint_every and self.state.step % cfg.checkpoint_every == 0:
-                    self.save_checkpoint()
-                if self.state.step >= total or self._stop_reason:
-                    break
-            if bar is not None:
-                bar.close()
-            if self._recover is not None:
-                self._recover_now()
-                continue
-            if self.state.batch >= steps_per_epoch:  # the epoch is complete
-                if cfg.eval_every and ((epoch + 1) % cfg.eval_every == 0 or self.state.step >= total):
-                    final_eval = self.evaluate(test, epoch)
-                    evaluated_at = self.state.step
-                for cb in self.callbacks:
-                    cb.on_epoch_end(self, epoch)
-                self.state.epoch += 1
-                self.state.batch = 0
-                self.save_checkpoint("epoch")
-                if self._recover is not None:  # an epoch-end check asked for it
-                    self._recover_now()
-                    continue
-            elif (self.state.step >= total or self._stop_reason) and (
-                    not cfg.checkpoint_every or self.state.step % cfg.checkpoint_every):
-                self.save_checkpoint()
-            if self._stop_reason:
-                break
-
-        if self.selector is not None and self.selector.finish(self):
-            evaluated_at = -1  # the best weights came before the last step: evaluate those
-        if evaluated_at != self.state.step and cfg.eval_every:
-            final_eval = self.evaluate(test, self.state.epoch)
-        model_dir = self._save_model(final_eval) if info.is_main else None
-        D.barrier(info)
-        for cb in self.callbacks:
-            cb.on_fit_end(self)
-        return TrainResult(self.run_dir, model_dir, self.state.step, self.state.epoch, final_eval,
-                           time.perf_counter() - t_start, resumed, self._stop_reason,
-                           self.monitor.recoveries if self.monitor else 0,
-                           list(self.monitor.alerts) if self.monitor else [],
-                           self.selector.summary if self.selector else None)
-
-    def _term_names(self, model: BaseModel, loader: BatchLoader) -> list[str]:
-        """Names of the logged loss terms, from a forward pass on two examples (RNG untouched)."""
-        x, y = next(loader.epoch(0))
-        devices = [self.device] if self.device.type == "cuda" else []
-        kwargs = {"y": y[:2]} if model.uses_labels else {}
-        with torch.no_grad(), torch.random.fork_rng(devices=devices):
-            was = model.training
-            model.eval()  # eval mode: no running statistics (EMA codebooks, batch norm) are updated
-            out = model(x[:2], **kwargs)
-            model.train(was)
-        return list(out.terms())
-
-    @property
-    def lr(self) -> float:
-        """Learning rate of the first optimizer's first parameter group."""
-        return next(iter(self.optimizers.values())).param_groups[0]["lr"]
-
-    def forward_kwargs(self, y: torch.Tensor) -> dict[str, Any]:
-        """Keyword arguments of this step's forward call."""
-        kwargs: dict[str, Any] = {"check": self._check_inputs}
-        if self.model.uses_labels:
-            kwargs["y"] = y
-        for cb in self.callbacks:
-            kwargs.update(cb.forward_kwargs(self))
-        return kwargs
-
-    def _step(self, net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, names: list[str]) -> dict[str, float]:
-        kwargs = self.forward_kwargs(y)
-        self._check_inputs = False
-        if self.model.custom_train_step:
-            with self._autocast():
-                out = self.model.train_step(net, x, y, self.optimizers, kwargs)
-            values = self._gather_terms(out, names)
-            if not _finite(values):
-                self._diverged(values)
-            return values
-        with self._autocast():
-            out = net(x, **kwargs)
-        values = self._gather_terms(out, names)
-        if not _finite(values):
-            self._diverged(values)
-        for opt in self.optimizers.values():
-            opt.zero_grad(set_to_none=True)
-        out.loss.backward()
-        if self.config.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
-        for opt in self.optimizers.values():
-            opt.step()
-        return values
-
-    def _gather_terms(self, out: Any, names: list[str]) -> dict[str, Any]:
-        """Loss terms as floats (plus the KL per dimension when monitored), averaged over ranks: one host sync."""
-        terms = out.terms()
-        parts = [torch.stack([terms[k].detach().float() for k in names])]
-        per_dim = getattr(out, "kl_per_dim", None) if self.monitor_config.log_kl_per_dim else None
-        if per_dim is not None:
-            parts.append(per_dim.detach().float().reshape(-1))
-        packed = D.all_reduce_mean(torch.cat(parts), self.dist).tolist()
-        values: dict[str, Any] = dict(zip(names, packed[: len(names)], strict=True))
-        if per_dim is not None:
-            values["kl_per_dim"] = packed[len(names):]
-        return values
-
-    # -- training dynamics: KL control and collapse monitors ------------------------------------------
-    def _setup_dynamics(self, model: BaseModel, total: int, steps_per_epoch: int,
-                        validation: ImageSplit | None) -> None:
-        """Create the KL controller, the collapse monitor and the model selector (internal callbacks,
-        checkpointed); the selector scores on ``validation``."""
-        internal: list[Callback] = []
-        if model.supports_kl_control:
-            beta = float(getattr(model.config, "beta", 1.0))
-            self.kl_controller = KLController(self.kl_config, beta, total, steps_per_epoch)
-            internal.append(self.kl_controller)
-        elif not self.kl_config.is_default:
-            raise ConfigError(f"model family {model.family!r} has no Gaussian KL term: kl.* settings do not apply")
-        mc = self.monitor_config
-        if mc.enabled and model.supports_kl_control:
-            dc = self.data_config
-            held = self.dataset.test.subset(min(mc.samples, len(self.dataset.test)))
-            seed = mix_seed(dc.binarize_seed, 0x4D)
-            x, y = next(eval_loader(held, len(held), dc.binarize, seed, self.device).epoch(0))
-            self.monitor = CollapseMonitor(mc, x, y, seed=self.config.seed)
-            internal.append(self.monitor)
-        elif mc.enabled and mc.on_collapse != "warn":
-            raise ConfigError(f"monitor.on_collapse={mc.on_collapse!r} needs a model with a Gaussian posterior; "
-                              f"{model.family!r} has none (set monitor.enabled=false)")
-        last: list[Callback] = []
-        if self.select_config.enabled:
-            assert validation is not None  # __init__ checked data.validation
-            n = min(self.select_config.samples, len(validation))  # a prefix of the held-out draw: uniform too
-            seed = mix_seed(self.data_config.binarize_seed, 0x5E)
-            x, y = next(eval_loader(validation.subset(n), n, self.data_config.binarize, seed, self.device).epoch(0))
-            self.selector = BestModelSelector(self.select_config, x, y)
-            last.append(self.selector)  # after the user's callbacks: it scores the weights a step ends with
-        self.callbacks = internal + self.user_callbacks + last
-
-    def log_record(self, record: dict[str, Any]) -> None:
-        """Write a record to the metrics log (rank 0; others ignore it)."""
-        if self.dist.is_main and self.log is not None:
-            if self.branch and "branch" not in record:
-                record = {**record, "branch": self.branch}
-            self.log.write(record)
-
-    def request_stop(self, reason: str) -> None:
-        """End training after the current step (the model is still saved)."""
-        self._stop_reason = reason
-        self.log_record({"type": "event", "event": "stop", "step": self.state.step, "reason": reason})
-
-    def request_recover(self, before_step: int, reason: str, remedy: Any) -> None:
-        """After the current step, reload the newest checkpoint older than ``before_step`` and call ``remedy(self)``."""
-        self._recover = (before_step, reason, remedy)
-
-    def _recover_now(self) -> None:
-        assert self._recover is not None
-        before_step, reason, remedy = self._recover
-        self._recover = None
-        # every rank reads the same files, so all make the same choice
-        candidates = [(s, p) for s, p in list_checkpoints(self.checkpoint_dir) if s < before_step]
-        if not candidates:
-            self.request_stop(f"cannot recover: no checkpoint before step {before_step}; {reason}")
-            return
-        for _, path in reversed(candidates):
-            try:
-                payload = load_checkpoint(path)
-                break
-            except CheckpointError as exc:  # every rank skips the same files
-                if self.dist.is_main:
-                    warnings.warn(f"recovery: skipping checkpoint {path.name}: {exc}", stacklevel=2)
-                self.log_record({"type": "event", "event": "skipped_checkpoint", "step": self.state.step,
-                                 "file": path.name, "reason": str(exc)})
-        else:
-            self.request_stop(f"cannot recover: no readable checkpoint before step {before_step}; {reason}")
-            return
-        self._restore(payload, path, recovering=True)
-        abandoned = self.state.step
-        self.branch += 1
-        change = remedy(self)
-        self._recent_kl = []
-        if self.dist.is_main and self.history is not None:
-            for entry in self.history.drop_after(abandoned):  # checkpoints of the collapsed branch
-                (self.checkpoint_dir / entry["file"]).unlink(missing_ok=True)
-            for s, p in list_checkpoints(self.checkpoint_dir):
-                if s > abandoned:
-                    p.unlink(missing_ok=True)
-            self.history.sync()
-        self.log_record({"type": "event", "event": "recover", "step": self.state.step, "from_checkpoint": str(path),
-                         "reason": reason, "change": change})
-        self.last_checkpoint = path
-        D.barrier(self.dist)
-
     def _good_checkpoint(self) -> str | None:
         """The newest checkpoint of this run whose checksum verifies (never a damaged one)."""
         if self.last_checkpoint is not None:
@@ -652,6 +580,7 @@ class Trainer:
         scalars = {k: v for k, v in values.items() if not isinstance(v, list)}
         raise TrainingDivergedError(step, scalars, good)
 
+    # -- evaluation and the saved model ----------------------------------------------------------
     def evaluate(self, test: BatchLoader | None, epoch: int) -> dict[str, Any] | None:
         """Test-split ELBO breakdown (rank 0), logged as an ``eval`` record."""
         result = None
@@ -662,16 +591,12 @@ class Trainer:
             record = {"type": "eval", "step": self.state.step, "epoch": epoch,
                       **({"branch": self.branch} if self.branch else {}),
                       **{k: v for k, v in result.items() if k != "kl_per_dim"}, "kl_per_dim": result.get("kl_per_dim")}
-            for cb in self.callbacks:
+            for cb in self.hooks:
                 cb.on_eval_end(self, record)
             self._last_eval = record
             assert self.log is not None
             self.log.write(record)
             self.log.flush()
-            if self._tb is not None:
-                for k, v in record.items():
-                    if k not in ("type", "step", "epoch") and isinstance(v, int | float):
-                        self._tb.add_scalar(f"test/{k}", v, self.state.step)
         D.barrier(self.dist)
         return result
 
@@ -679,9 +604,10 @@ class Trainer:
         meta = {"data": to_dict(self.data_config), "train": to_dict(self.config), "steps": self.state.step,
                 "dataset_provenance": self.dataset.provenance}
         metrics: dict[str, Any] | None = {"test": final_eval, "step": self.state.step} if final_eval else None
-        if self.selector is not None:
-            meta["selected"] = {k: v for k, v in self.selector.summary.items() if k != "checks"}
-            metrics = {**(metrics or {}), "selected": meta["selected"]}
+        for cb in self.callbacks:
+            if extra := cb.model_metadata():
+                meta.update(extra)
+                metrics = {**(metrics or {}), **extra}
         path = self.run_dir / "model"
         try:
             return self.model.save(path, metadata=meta, metrics=metrics)
@@ -698,11 +624,3 @@ class Trainer:
 
 def _finite(values: dict[str, Any]) -> bool:
     return all(math.isfinite(v) for v in values.values() if not isinstance(v, list))
-
-
-def _progress(show: bool, total: int, initial: int, desc: str):
-    if not show:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=initial, desc=desc, mininterval=0.5, leave=False, dynamic_ncols=True)
