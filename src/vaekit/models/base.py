@@ -118,6 +118,8 @@ class BaseModel(nn.Module, ABC):
     has_prior_sampler: ClassVar[bool] = False
     supports_kl_control: ClassVar[bool] = False
     custom_train_step: ClassVar[bool] = False
+    # parts a fine-tune can train (train.trainable): group name -> state names or their module prefixes
+    parameter_group_prefixes: ClassVar[dict[str, tuple[str, ...]]] = {}
 
     def __init__(self, config: Any = None):
         super().__init__()
@@ -188,6 +190,14 @@ class BaseModel(nn.Module, ABC):
         return posterior.kl().sum(1)
 
     # -- training hooks --------------------------------------------------------------------------
+    def parameter_groups(self) -> dict[str, list[str]]:
+        """The family's named parts: group -> names of its parameters and buffers (as in
+        ``named_parameters`` / ``named_buffers``); every parameter is in exactly one group. Empty
+        when the family declares none (it then cannot be fine-tuned in parts)."""
+        names = [n for n, _ in self.named_parameters()] + [n for n, _ in self.named_buffers()]
+        return {group: [n for n in names if any(n == p or n.startswith(p + ".") for p in prefixes)]
+                for group, prefixes in self.parameter_group_prefixes.items()}
+
     def configure_optimizers(self, cfg: Any) -> dict[str, torch.optim.Optimizer]:
         """Named optimizers built from a TrainConfig; every one is checkpointed."""
         return {"main": torch.optim.Adam(self.parameters(), lr=cfg.lr, betas=cfg.betas,

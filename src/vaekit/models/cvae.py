@@ -63,6 +63,7 @@ class CVAE(VAE):
 
     config_class = CVAEConfig
     conditional = True
+    parameter_group_prefixes = {**VAE.parameter_group_prefixes, "prior": ("prior_net",)}
 
     def __init__(self, config: CVAEConfig | None = None):
         config = self.resolve_config(config)

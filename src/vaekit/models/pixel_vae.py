@@ -163,6 +163,8 @@ class PixelVAE(BaseModel):
     supports_kl_control = True
     gaussian_posterior = True
     defines_elbo = True
+    parameter_group_prefixes = {"encoder": ("encoder", "to_mean", "to_logvar"),
+                                "decoder": ("z_body", "z_out", "ar_in", "ar_head", "ar_act", "log_sigma")}
 
     def __init__(self, config: PixelVAEConfig | None = None):
         config = self.resolve_config(config)

@@ -113,6 +113,7 @@ class VAE(BaseModel):
     config_class = VAEConfig
     gaussian_posterior = True
     defines_elbo = True
+    parameter_group_prefixes = {"encoder": ("encoder", "to_mean", "to_logvar"), "decoder": ("decoder", "log_sigma")}
 
     def __init__(self, config: VAEConfig | None = None, cond_size: int = 0):
         """``cond_size`` > 0 (subclasses) widens the encoder head and the decoder input for a condition."""

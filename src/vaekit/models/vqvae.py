@@ -155,6 +155,9 @@ class VQVAE(BaseModel):
 
     config_class = VQVAEConfig
     discrete_latent = True  # encode gives code indices; no q(z|x) with a density, so no KL or NLL
+    # a frozen codebook also keeps its EMA statistics: the trainer holds frozen parts in eval mode
+    parameter_group_prefixes = {"encoder": ("encoder",), "decoder": ("decoder", "log_sigma"),
+                                "codebook": ("quantizer",), "prior": ("prior", "prior_trained")}
 
     def __init__(self, config: VQVAEConfig | None = None):
         config = self.resolve_config(config)
