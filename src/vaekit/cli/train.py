@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 
 import yaml
 
@@ -16,6 +17,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("config", nargs="?", help="YAML or JSON run config (sections data, model, train)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set train.lr=3e-4 --set model.latent_dim=32")
+    p.add_argument("--init-from", metavar="RUN|MODEL|NAME@ALIAS",
+                   help="fine-tune: start from these weights (train.init_from): a run folder, a model folder or a "
+                        "registry reference NAME@ALIAS / NAME/VERSION")
+    p.add_argument("--trainable", metavar="GROUP[,GROUP...]",
+                   help="fine-tune: train only these parameter groups (train.trainable), e.g. decoder,codebook; "
+                        "the rest stays bitwise unchanged")
     p.add_argument("--no-resume", action="store_true",
                    help="start afresh even if the run has checkpoints (the earlier run is moved to RUN/previous/N)")
     p.add_argument("--dry-run", action="store_true",
@@ -27,7 +34,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import os
 
-    config = load_run_config(args.config, args.overrides)
+    overrides = list(args.overrides)
+    if args.init_from:  # quoted: a path or reference is a string whatever YAML would make of it
+        overrides.append(f"train.init_from={json.dumps(args.init_from)}")
+    if args.trainable:
+        overrides.append(f"train.trainable={json.dumps([g.strip() for g in args.trainable.split(',') if g.strip()])}")
+    config = load_run_config(args.config, overrides)
     is_main = int(os.environ.get("RANK", "0")) == 0
     if is_main:
         print("# resolved config")

@@ -51,9 +51,26 @@ class DataConfig:
     # split: never trained on; model selection (select.*) scores on it
     validation: int = 0
     validation_seed: int = 0  # seed of that draw
+    # train on this split instead of the dataset's train split (a dataset split NAME:train|test or a shard
+    # file or folder, vaekit.data.shards); the dataset still provides the test split
+    train_data: str | None = None
+    # a replay sample mixed into every batch: a dataset split (NAME, NAME:train, NAME:test) or a shard
+    # file or folder (vaekit.data.shards); each example is a replay one with probability replay_share
+    replay: str | None = None
+    replay_share: float = 0.0
 
     def __post_init__(self) -> None:
         check_choice("data.dataset", self.dataset, tuple(LOADERS))
+        for key in ("train_data", "replay"):
+            value = getattr(self, key)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ConfigError(f"data.{key} must be a dataset split or a shard folder, got {describe(value)}")
+        if not isinstance(self.replay_share, int | float) or isinstance(self.replay_share, bool) or not (
+                0 <= self.replay_share < 1):
+            raise ConfigError(f"data.replay_share must be a number in [0, 1), got {describe(self.replay_share)}")
+        if (self.replay is None) != (self.replay_share == 0):
+            raise ConfigError(f"data.replay and data.replay_share go together: got replay={self.replay!r}, "
+                              f"replay_share={self.replay_share!r} (set both, e.g. replay=mnist replay_share=0.2)")
         check_choice("data.binarize", self.binarize, BINARIZE_MODES)
         if self.sources is not None:
             resolve_sources(self.sources)
@@ -119,6 +136,13 @@ class TrainConfig:
     eval_batch_size: int = 1000  # batch size of evaluation passes
     progress: bool = True  # show a progress bar with live loss terms
     tensorboard: Literal["auto", "on", "off"] | bool = "auto"  # auto: on when tensorboard is installed
+    # fine-tuning: start a fresh run from these weights (a run folder, a model folder, or a registry
+    # reference NAME@ALIAS / NAME/VERSION); a resumed run continues from its checkpoint instead
+    init_from: str | None = None
+    registry: str | None = None  # registry URI for a reference in init_from (None: $VAEKIT_REGISTRY)
+    # train only these parameter groups of the model (model.parameter_groups(); None: all); the rest
+    # is frozen: not in the optimizer, held in eval mode (no running statistics, no EMA), bitwise unchanged
+    trainable: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         check_positive("train.epochs", self.epochs, integer=True)
@@ -145,6 +169,15 @@ class TrainConfig:
         if isinstance(self.tensorboard, bool):  # YAML reads a bare on/off as a boolean
             self.tensorboard = "on" if self.tensorboard else "off"
         check_choice("train.tensorboard", self.tensorboard, ("auto", "on", "off"))
+        for key in ("init_from", "registry"):
+            value = getattr(self, key)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ConfigError(f"train.{key} must be a non-empty string or null, got {describe(value)}")
+        if self.trainable is not None:
+            if not self.trainable or not all(isinstance(g, str) and g for g in self.trainable):
+                raise ConfigError(f"train.trainable must be a non-empty list of parameter group names "
+                                  f"(e.g. [decoder]) or null for all, got {describe(self.trainable)}")
+            self.trainable = tuple(self.trainable)
 
 
 @dataclass

@@ -8,6 +8,7 @@ import torch
 
 from vaekit.data import load_dataset
 from vaekit.data.dataset import ImageDataset
+from vaekit.data.shards import load_split
 from vaekit.models.base import build_model
 from vaekit.training.callbacks import Callback
 from vaekit.training.config import RunConfig
@@ -27,6 +28,10 @@ def prepare(
     makes on creation runs here."""
     dc = config.data
     data = dataset or load_dataset(dc.dataset, data_dir=dc.data_dir, sources=dc.sources)
+    if dc.train_data is not None:  # e.g. captured shards; evaluation and monitors keep the dataset's test split
+        train = load_split(dc.train_data, data_dir=dc.data_dir, sources=dc.sources)
+        data = ImageDataset(data.name, train, data.test, data.classes,
+                            f"train: {dc.train_data}; test: {data.provenance}", data.info)
     torch.manual_seed(config.train.seed)
     model = build_model(config.model)
     return Trainer(model, data, config.train, data_config=dc, run_dir=config.run_dir, run_config=config,

@@ -46,7 +46,9 @@ PREVIOUS = "previous"
 REVISIONS = "config.revisions.json"
 # settings a resumed run must share with the run it continues: they define the weights' shape and
 # which examples were trained on (changing them mid-run would mix two different experiments)
-SPLIT_KEYS = ("dataset", "train_subset", "validation", "validation_seed")
+SPLIT_KEYS = ("dataset", "train_subset", "validation", "validation_seed", "train_data", "replay", "replay_share")
+# and the fine-tune's start and frozen parts (the optimizers' state holds the trainable parameters only)
+TRAIN_KEYS = ("init_from", "trainable")
 # what training and the CLI write into a run folder: a fresh start moves these into previous/N
 RUN_FILES = ("checkpoints", "metrics.jsonl", "model", "config.json", "config.yaml", REVISIONS, "tensorboard",
              "eval.json", "report", "samples.png", "reconstructions.png", "checkpoints.previous")
@@ -305,11 +307,11 @@ class RunFolder:
             raise CheckpointError(
                 f"{self.path} holds a run with a different model config; choose another name "
                 f"(--set name=...) or start afresh (--no-resume, which keeps that run in previous/)")
-        old_data, new_data = old.get("data") or {}, new.get("data") or {}
-        changed = [k for k in SPLIT_KEYS if k in old_data and old_data.get(k) != new_data.get(k)]
+        changed = [f"{section}.{k}" for section, keys in (("data", SPLIT_KEYS), ("train", TRAIN_KEYS))
+                   for k in keys if _changed(old.get(section) or {}, new.get(section) or {}, k)]
         if changed:
             raise CheckpointError(
-                f"{self.path} holds a run trained on a different split (data.{', data.'.join(changed)} "
+                f"{self.path} holds a run trained on a different split or fine-tune ({', '.join(changed)} "
                 f"changed); choose another name (--set name=...) or start afresh (--no-resume)")
 
     def revisions(self) -> list[dict[str, Any]]:
@@ -346,6 +348,19 @@ class RunFolder:
         atomic_write_bytes(self.path / "config.json", (json.dumps(new, indent=2) + "\n").encode())
         atomic_write_bytes(self.path / "config.yaml", yaml.safe_dump(new, sort_keys=False).encode())
         return entry
+
+
+# what a config saved before these keys existed meant by leaving them out
+_ADDED_DEFAULTS: dict[str, Any] = {"train_data": None, "replay": None, "replay_share": 0.0, "init_from": None,
+                                   "trainable": None}
+
+
+def _changed(old: dict[str, Any], new: dict[str, Any], key: str) -> bool:
+    """Does ``new`` change ``key`` of the saved section ``old``? (a key the old config lacks and
+    never had a default for does not count)"""
+    if key not in old and key not in _ADDED_DEFAULTS:
+        return False
+    return old.get(key, _ADDED_DEFAULTS.get(key)) != new.get(key, _ADDED_DEFAULTS.get(key))
 
 
 def _flatten(doc: Any, prefix: str = "") -> dict[str, Any]:

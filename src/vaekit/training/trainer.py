@@ -33,7 +33,9 @@ from torch.nn.parallel import DistributedDataParallel
 from vaekit.atomic import storage_error
 from vaekit.config import to_dict
 from vaekit.data import LOADERS
-from vaekit.data.dataset import BatchLoader, ImageDataset, eval_loader, mix_seed
+from vaekit.data.dataset import BatchLoader, ImageDataset, ImageSplit, eval_loader, mix_seed
+from vaekit.data.replay import ReplayLoader
+from vaekit.data.shards import load_split
 from vaekit.errors import CheckpointError, ConfigError, InputError, StorageError, TrainingDivergedError
 from vaekit.evaluation.elbo import evaluate_elbo
 from vaekit.models.base import BaseModel
@@ -49,6 +51,14 @@ from vaekit.training.checkpoint import (
     save_checkpoint,
 )
 from vaekit.training.config import DataConfig, RunConfig, TrainConfig
+from vaekit.training.finetune import (
+    check_init_from,
+    check_trainable,
+    drop_frozen,
+    freeze,
+    init_weights,
+    load_init_state,
+)
 from vaekit.training.history import CheckpointHistory
 from vaekit.training.metrics_log import MetricsLog
 from vaekit.training.reporting import reporting_callbacks, tensorboard_writer_class
@@ -77,7 +87,7 @@ class TrainResult:
 class _Run:
     """What one call of :meth:`Trainer.fit` works with."""
 
-    loader: BatchLoader
+    loader: BatchLoader | ReplayLoader
     test: BatchLoader | None
     net: torch.nn.Module  # the model, or its DDP wrapper
     names: list[str] = field(default_factory=list)  # the logged loss terms
@@ -85,6 +95,7 @@ class _Run:
     final_eval: dict[str, Any] | None = None
     evaluated_at: int = -1  # step of the last evaluation (the same on every rank; only rank 0 holds results)
     last_time: float = 0.0
+    init: tuple[dict[str, Any], str, str] | None = None  # train.init_from's (state, family, source) on a fresh start
 
 
 def pick_device(name: str) -> torch.device:
@@ -122,6 +133,10 @@ class Trainer:
             A configured run's KL control, collapse monitors and model selection come from
             :func:`vaekit.training.standard.standard_callbacks`; the progress bar and TensorBoard
             are added from ``config``.
+        replay: a split mixed into every batch at ``data_config.replay_share`` (default: the
+            split ``data_config.replay`` names, see :mod:`vaekit.data.replay`).
+
+    Fine-tuning (``config.init_from``, ``config.trainable``): see :mod:`vaekit.training.finetune`.
     """
 
     def __init__(
@@ -134,6 +149,7 @@ class Trainer:
         run_dir: str | Path = "runs/vae",
         run_config: RunConfig | None = None,
         callbacks: Sequence[Callback] = (),
+        replay: ImageSplit | None = None,
     ):
         if not isinstance(model, BaseModel):
             raise InputError(f"model must be a vaekit model (BaseModel), got {type(model).__name__}")
@@ -147,6 +163,9 @@ class Trainer:
             data_config = DataConfig(dataset=dataset.name) if dataset.name in LOADERS else DataConfig()
         self.data_config = data_config
         self.data_config.check_sizes(dataset)  # before anything is written
+        check_trainable(model, self.config.trainable)
+        check_init_from(self.config.init_from)
+        self.replay = self._replay_split(replay)
         self.run_dir = Path(run_dir)
         self.folder = RunFolder(self.run_dir)
         self.run_config = run_config
@@ -170,6 +189,20 @@ class Trainer:
         self._last_eval: dict[str, Any] | None = None
         self._recent_kl: list[float] = []
         self._notes: list[dict[str, Any]] = []  # events found before the log opens (skipped checkpoints, ...)
+        self._hooks_frozen: list[Any] = []  # forward pre-hooks holding frozen parts in eval mode
+
+    def _replay_split(self, replay: ImageSplit | None) -> ImageSplit | None:
+        dc = self.data_config
+        if replay is None and dc.replay is not None:
+            replay = load_split(dc.replay, data_dir=dc.data_dir, sources=dc.sources)
+        if replay is None:
+            return None
+        if not 0 < dc.replay_share < 1:
+            raise ConfigError(f"a replay split needs data.replay_share in (0, 1), got {dc.replay_share!r}")
+        if tuple(replay.images.shape[1:]) != self.model.input_shape:
+            raise InputError(f"replay images (data.replay={dc.replay!r}) have shape {tuple(replay.images.shape[1:])}, "
+                             f"the model expects {self.model.input_shape}")
+        return replay
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -205,6 +238,9 @@ class Trainer:
         pick_device(self.config.device)
         tensorboard_writer_class(self.config.tensorboard)
         self.folder.check(resume, self._config_dict())
+        if self.config.init_from and (not resume or not list_checkpoints(self.checkpoint_dir)):
+            state, family, source = load_init_state(self.config.init_from, self.config.registry)
+            init_weights(self.model, state, family, source)  # the weights fit (a dry run loads them)
 
     # -- the loop --------------------------------------------------------------------------------
     def fit(self, resume: bool = True) -> TrainResult:
@@ -238,6 +274,8 @@ class Trainer:
                 self.log.close(quiet=not ok)
             for cb in self.hooks:
                 cb.close()
+            for handle in self._hooks_frozen:
+                handle.remove()
         finally:
             self.folder.lock.release()
             D.shutdown(self.dist)
@@ -247,9 +285,11 @@ class Trainer:
         cfg, info = self.config, self.dist
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
+        init = self._init_state(resume)  # before prepare: a fresh start may set its source aside
         self._notes = self.folder.prepare(resume, self._config_dict()) if info.is_main else []
         D.barrier(info)
         run = self._build()
+        run.init = init
         for cb in self.hooks:
             cb.setup(self)
         torch.manual_seed(mix_seed(cfg.seed, info.rank, 0xA0))
@@ -257,6 +297,9 @@ class Trainer:
             self.history, notes = self.folder.open_history(cfg.keep_history)
             self._notes += notes
         run.resumed = self._resume() if resume else None
+        if not run.resumed and run.init is not None:
+            init_weights(self.model, *run.init)
+            self._notes.append({"event": "init_from", "source": run.init[2], "trainable": self.config.trainable})
         if info.is_main:
             self._open_log(run.resumed)
         for cb in self.hooks:
@@ -271,7 +314,10 @@ class Trainer:
         """The model on its device, the loaders, the optimizers and the step budget."""
         cfg, dc, info = self.config, self.data_config, self.dist
         model = self.model.to(self.device).train()
+        if cfg.trainable is not None:  # before DDP and the optimizers see the parameters
+            self._hooks_frozen = freeze(model, cfg.trainable)[1]
         train_split, _ = dc.train_splits(self.dataset.train)
+        loader: BatchLoader | ReplayLoader
         loader = BatchLoader(train_split, cfg.batch_size, shuffle=True, binarize=dc.binarize,
                              seed=mix_seed(cfg.seed, dc.binarize_seed), drop_last=cfg.drop_last,
                              rank=info.rank, world_size=info.world_size, device=self.device)
@@ -281,12 +327,22 @@ class Trainer:
         if info.enabled:
             net = DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.optimizers = model.configure_optimizers(cfg)
+        if cfg.trainable is not None:
+            drop_frozen(self.optimizers)
+        if self.replay is not None:
+            loader = ReplayLoader(loader, self.replay, dc.replay_share, seed=mix_seed(cfg.seed, dc.binarize_seed, 0x8E))
         model.on_train_data(len(train_split))
         self.steps_per_epoch = len(loader)
         self.total_steps = cfg.epochs * self.steps_per_epoch
         if cfg.max_steps is not None:
             self.total_steps = min(self.total_steps, cfg.max_steps)
         return _Run(loader, test, net)
+
+    def _init_state(self, resume: bool) -> tuple[dict[str, Any], str, str] | None:
+        """``train.init_from``'s weights when this start will not resume from a checkpoint."""
+        if not self.config.init_from or (resume and list_checkpoints(self.checkpoint_dir)):
+            return None
+        return load_init_state(self.config.init_from, self.config.registry)
 
     def _open_log(self, resumed: str | None) -> None:
         """Rank 0: record the config, rewind the log and the index to where the run continues, log the start."""
@@ -348,6 +404,8 @@ class Trainer:
         record = {"type": "train", "step": self.state.step, "epoch": self.state.epoch, **values, "lr": self.lr,
                   "samples_per_s": self.config.batch_size / max(now - run.last_time, 1e-9)}
         run.last_time = now
+        if isinstance(run.loader, ReplayLoader):
+            record["replayed"] = run.loader.last_replayed  # this rank's examples from the replay split
         if self.branch:
             record["branch"] = self.branch
         return record
