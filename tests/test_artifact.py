@@ -12,6 +12,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,7 @@ from vaekit.artifact import (
     read_artifact,
     rewrite_artifact,
     update_metrics,
+    upgrade_legacy,
     verify_artifact,
     write_artifact,
 )
@@ -29,7 +31,11 @@ from vaekit.errors import (
     ArtifactError,
     ArtifactIntegrityError,
     InputError,
+    LegacyArtifactWarning,
+    ModelFormatError,
 )
+from vaekit.models import MODEL_REGISTRY, VAE, VAEConfig, build_model, load_model
+from vaekit.models.base import read_model_doc
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -224,6 +230,120 @@ def test_sigkill_during_writes_leaves_a_complete_artifact(tmp_path):
     assert interrupted >= 1  # the test did kill writers mid-write
 
 
+# -- legacy folders (format v1, no manifest) --------------------------------------------------------
+def _legacy_model_folder(model, path: Path, drop: str | None = None) -> Path:
+    """A folder exactly as vaekit wrote models before the manifest (format v1)."""
+    from safetensors.torch import save_file
+
+    from vaekit.config import to_dict
+
+    path.mkdir(parents=True)
+    config = to_dict(model.config)
+    if drop:
+        del config[drop]
+    doc = {"format": "vaekit-model", "format_version": 1, "family": model.family, "config": config,
+           "metadata": {"data": {"dataset": "mnist"}}}
+    (path / "config.json").write_text(json.dumps(doc, indent=2))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path / "model.safetensors"))
+    (path / "metrics.json").write_text('{"test": 1.0}')
+    return path
+
+
+def _small_vae() -> VAE:
+    torch.manual_seed(0)
+    return VAE(VAEConfig(latent_dim=3, hidden_sizes=(16,), activation="tanh")).eval()
+
+
+def test_legacy_model_loads_with_a_warning_and_upgrades(tmp_path):
+    model = _small_vae()
+    folder = _legacy_model_folder(model, tmp_path / "old")
+    with pytest.warns(LegacyArtifactWarning, match="not verified.*upgrade_legacy"):
+        loaded = load_model(folder)
+    x = torch.rand(2, 1, 28, 28)
+    assert torch.equal(loaded.reconstruct(x), model.reconstruct(x))
+    with pytest.raises(ArtifactError, match="before artifacts had a manifest.*upgrade_legacy"):
+        verify_artifact(folder)  # what the registry calls: a legacy folder is never taken unverified
+    (folder / "stats-test-0123.safetensors").write_bytes(b"cache")  # an old FID-style cache is not the model's
+    with pytest.raises(ArtifactError, match="stats-test-0123"):
+        upgrade_legacy(folder)
+    (folder / "stats-test-0123.safetensors").unlink()
+    upgrade_legacy(folder)
+    verify_artifact(folder)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no legacy warning any more
+        again = load_model(folder)
+        assert read_model_doc(folder)["metadata"] == {"data": {"dataset": "mnist"}}
+    assert torch.equal(again.reconstruct(x), model.reconstruct(x))
+    assert read_artifact(folder).metrics == {"test": 1.0}
+
+
+# -- strict model loading (issue 16 item 4) ---------------------------------------------------------
+@pytest.fixture
+def model_dir(tmp_path) -> Path:
+    return _small_vae().save(tmp_path / "m", metadata={"note": "x"}, metrics={"loss": 1.0})
+
+
+@pytest.mark.parametrize("name", ["config.json", "model.safetensors", "metrics.json", "manifest.json"])
+def test_load_model_refuses_a_flipped_byte_in_each_file(model_dir, name):
+    _flip(model_dir / name)
+    with pytest.raises(ArtifactIntegrityError) as info:
+        load_model(model_dir)
+    assert info.value.file == name and isinstance(info.value, ModelFormatError)
+
+
+def _rewritten(model_dir: Path, dst: Path, edit) -> Path:
+    """A folder whose manifest is intact but whose config is edited: what a buggy or foreign writer makes."""
+    art = read_artifact(model_dir)
+    config = json.loads(json.dumps(art.config))
+    edit(config)
+    return write_artifact(dst, "model", config, art.tensors(), art.metadata)
+
+
+@pytest.mark.parametrize("family", sorted(MODEL_REGISTRY))
+def test_every_family_refuses_a_config_with_a_removed_field(family, tmp_path):
+    cfg_cls = MODEL_REGISTRY[family].config_class
+    saved = build_model(cfg_cls()).save(tmp_path / "m")
+    field = "input_shape" if family != "vae" else "activation"
+    bad = _rewritten(saved, tmp_path / "bad", lambda c: c.pop(field))
+    with pytest.raises(ModelFormatError, match=rf"missing field\(s\) \['config.{field}'\]"):
+        load_model(bad)
+
+
+def test_the_activation_example_of_the_issue(model_dir, tmp_path):
+    """A missing `activation` once loaded tanh weights as a ReLU model; now it names the field and file."""
+    bad = _rewritten(model_dir, tmp_path / "bad", lambda c: c.pop("activation"))
+    with pytest.raises(ModelFormatError) as info:
+        load_model(bad)
+    assert "config.activation" in str(info.value) and str(bad / "config.json") in str(info.value)
+    legacy = _legacy_model_folder(_small_vae(), tmp_path / "legacy", drop="activation")
+    with pytest.warns(LegacyArtifactWarning), pytest.raises(ModelFormatError, match="config.activation"):
+        load_model(legacy)
+
+
+def test_bad_config_documents_name_the_file_and_the_problem(model_dir, tmp_path):
+    art = read_artifact(model_dir)
+    cases = {
+        "family": (lambda c: c.update(family="nope"), "family 'nope' is unknown"),
+        "type": (lambda c: c.update(latent_dim="three"), "config.latent_dim must be an integer"),
+        "unknown": (lambda c: c.update(colour="red"), "unknown config key"),
+        "value": (lambda c: c.update(activation="sigmoidish"), "activation must be one of"),
+    }
+    for name, (edit, message) in cases.items():
+        bad = _rewritten(model_dir, tmp_path / name, edit)
+        with pytest.raises(ModelFormatError, match=message) as info:
+            load_model(bad)
+        assert "config.json" in str(info.value)
+    # config.json holding a JSON list / lacking its `config` key (manifest rewritten to match)
+    for name, body in (("jsonlist", b"[1, 2]\n"), ("nokey", json.dumps({"format": "vaekit-artifact",
+                       "format_version": 2, "kind": "model", "metadata": {}}).encode())):
+        folder = write_artifact(tmp_path / name, "model", art.config, art.tensors())
+        _replace_keeping_manifest(folder, "config.json", body)
+        want = "must hold a JSON object, got a JSON list" if name == "jsonlist" else "has no 'config' key"
+        with pytest.raises(ModelFormatError, match=want) as info:
+            load_model(folder)
+        assert str(folder / "config.json") in str(info.value)
+
+
 def _replace_keeping_manifest(folder: Path, name: str, data: bytes) -> None:
     """Write ``data`` to ``name`` and re-hash the manifest (a well-formed artifact with bad content)."""
     from vaekit.artifact import _canonical_sha256
@@ -234,3 +354,61 @@ def _replace_keeping_manifest(folder: Path, name: str, data: bytes) -> None:
     manifest.pop("self_sha256")
     manifest["self_sha256"] = _canonical_sha256(manifest)
     (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_weights_that_do_not_fit_are_named(model_dir, tmp_path):
+    art = read_artifact(model_dir)
+    state = art.tensors()
+    key = next(k for k, v in state.items() if v.ndim == 2)
+    wrong = {**state, key: torch.zeros(state[key].shape[0] + 1, state[key].shape[1])}
+    folder = write_artifact(tmp_path / "size", "model", art.config, wrong)
+    with pytest.raises(ModelFormatError, match=rf"model.safetensors: the weights do not match.*{key}"):
+        load_model(folder)
+    dtype = {**state, key: state[key].double()}
+    with pytest.raises(ModelFormatError, match="torch.float64"):
+        load_model(write_artifact(tmp_path / "dtype", "model", art.config, dtype))
+    fewer = {k: v for k, v in state.items() if k != key}
+    with pytest.raises(ModelFormatError, match=rf"missing tensors \['{key}'\]"):
+        load_model(write_artifact(tmp_path / "fewer", "model", art.config, fewer))
+    more = {**state, "stowaway": torch.zeros(1)}
+    with pytest.raises(ModelFormatError, match="unexpected tensors \\['stowaway'\\]"):
+        load_model(write_artifact(tmp_path / "more", "model", art.config, more))
+
+
+def test_truncated_weights_are_refused_with_and_without_a_manifest(model_dir, tmp_path):
+    path = model_dir / "model.safetensors"
+    path.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(ArtifactIntegrityError, match="model.safetensors: size 1000 bytes"):
+        load_model(model_dir)
+    legacy = _legacy_model_folder(_small_vae(), tmp_path / "legacy")
+    (legacy / "model.safetensors").write_bytes((legacy / "model.safetensors").read_bytes()[:1000])
+    with pytest.warns(LegacyArtifactWarning), pytest.raises(ModelFormatError, match="not a readable safetensors"):
+        load_model(legacy)
+
+
+@pytest.mark.parametrize("device", ["cuda:7", "tpu", "nonsense", 3.5])
+def test_map_location_that_does_not_exist(model_dir, device):
+    if torch.cuda.device_count() > 7 and device == "cuda:7":
+        pytest.skip("this machine has a cuda:7")
+    with pytest.raises(ModelFormatError, match="map_location"):
+        load_model(model_dir, map_location=device)
+
+
+def test_cli_prints_one_line_not_a_traceback(model_dir, tmp_path):
+    _flip(model_dir / "model.safetensors")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    res = subprocess.run([sys.executable, "-m", "vaekit.cli.main", "sample", str(model_dir), "-n", "2",
+                          "-o", str(tmp_path / "s.png")], env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2, res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in res.stderr
+    assert lines[0].startswith("vaekit sample: error: artifact") and "model.safetensors" in lines[0]
+    assert not (tmp_path / "s.png").exists()
+
+
+def test_save_over_a_model_folder_and_copytree_round_trip(model_dir, tmp_path):
+    shutil.copytree(model_dir, tmp_path / "copy")  # an artifact is relocatable: names are relative
+    assert read_artifact(tmp_path / "copy").digest == read_artifact(model_dir).digest
+    model = load_model(tmp_path / "copy")
+    model.save(model_dir, metadata={"note": "y"})
+    assert read_model_doc(model_dir)["metadata"] == {"note": "y"}
