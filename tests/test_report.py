@@ -99,3 +99,26 @@ def test_cli_evaluate_exit_code_and_output_place(tmp_path, capsys, mnist):
     assert main(["evaluate", str(model_dir), "--metrics", "elbo", "-o", str(tmp_path / "x.txt")]) == 2
     assert "-o must name a .json file" in capsys.readouterr().err
     assert sorted(p.name for p in model_dir.iterdir()) == before
+
+
+def test_every_part_carries_its_own_keys(small, tmp_path):
+    """The CLI, the Markdown and the benchmarks ask the part: its headline keys exist in its result, each with
+    a direction, and it renders and summarises itself."""
+    from vaekit.evaluation.parts import PARTS
+    from vaekit.evaluation.report import render_markdown, summary_rows
+
+    torch.manual_seed(0)
+    model = VAE(VAEConfig(latent_dim=3, hidden_sizes=(16,)))
+    cfg = EvalConfig(metrics=("elbo", "latent", "nll", "recon", "mig", "images"), k=5, nll_examples=20,
+                     batch_size=100, traversal_dims=2)
+    rep = evaluate_model(model, small, tmp_path, cfg)
+    ran = [n for n, r in rep["metrics"].items() if "skipped" not in r]
+    assert ran == ["elbo", "latent", "nll", "recon", "images"] and "mig" not in ran
+    md = render_markdown(rep)
+    for name in ran:
+        part, r = PARTS[name], rep["metrics"][name]
+        assert set(part.better.values()) <= {"lower", "higher"}
+        assert set(part.headline(r)) == set(part.better)  # every declared headline is in the result
+        assert part.summary(r) and f"## {part.title}" in md
+    labels = [label for label, _ in summary_rows(rep)]
+    assert labels[0] == "mig" and "-ELBO" in labels and "MSE" in labels

@@ -74,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def run_report(args: argparse.Namespace, model, ds, data_cfg: dict, run_dir: Path | None) -> int:
-    from vaekit.evaluation.report import EvalConfig, evaluate_model
+    from vaekit.evaluation.report import EvalConfig, evaluate_model, summary_rows
 
     metrics = tuple(m.strip() for m in args.metrics.split(",") if m.strip())
     config = EvalConfig(metrics=metrics, k=args.k, nll_examples=args.nll_examples, fid_samples=args.fid_samples,
@@ -85,24 +85,9 @@ def run_report(args: argparse.Namespace, model, ds, data_cfg: dict, run_dir: Pat
     print(f"evaluating {args.model} on {ds.name} (test split, binarize={binarize}): {', '.join(config.metrics)}")
     report = evaluate_model(model, ds, out, config, binarize=binarize, name=str(args.model), progress=True,
                             stem=stem)
-    rows = []
     m = report["metrics"]
     skipped = {part: res["skipped"] for part, res in m.items() if "skipped" in res}
-    rows += [(part, f"skipped: {why}") for part, why in skipped.items()]
-    if "neg_elbo" in m.get("elbo", {}):
-        rows += [("-ELBO", m["elbo"]["neg_elbo"]), ("KL", m["elbo"]["kl"])]
-    if "nll" in m.get("nll", {}):
-        rows += [(f"NLL (k={m['nll']['k']})", f"{m['nll']['nll']:.3f} +- {m['nll']['nll_stderr']:.3f} nats, "
-                  f"{m['nll']['bits_per_dim']:.4f} bits/dim")]
-    if "active_units" in m.get("latent", {}):
-        rows += [("active units", m["latent"]["active_units"]), ("I(x; z)", m["latent"]["mutual_information"])]
-    if "mse" in m.get("recon", {}):
-        rows += [("MSE", m["recon"]["mse"]), ("SSIM", m["recon"]["ssim"])]
-    if "fid" in m.get("fid", {}):
-        rows += [("FID", m["fid"]["fid"]), ("FID floor (train vs test)", m["fid"]["fid_floor_train_vs_test"])]
-    for est in ("histogram", "sampling"):
-        if est in m.get("mig", {}):
-            rows.append((f"MIG ({est} estimator)", m["mig"][est][f"mig_{est}"]))
+    rows = summary_rows(report)
     print_table(rows, "results (nats per example)")
     print(f"wrote {out / (stem + '.json')} and {out / (stem + '.md')}")
     if len(skipped) == len(m):  # nothing asked for could run: a script must not read this as success
