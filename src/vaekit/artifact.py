@@ -310,7 +310,7 @@ class Artifact:
 
     def read_tensors(self, name: str, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
         """The safetensors file ``name`` (verified first) as tensors on ``device``."""
-        dev = check_device(device)
+        dev = check_device(device, "device")
         data = self.read_bytes(name)
         try:
             tensors = load_safetensors(data)
