@@ -5,9 +5,10 @@ models, FID extractors) are built in a temporary sibling folder and swapped in: 
 ``renameat2(RENAME_EXCHANGE)``, so the path always holds the old or the new folder, never neither;
 elsewhere with two renames, the old folder kept as ``.<name>.old`` until the new one is in place
 (a crash between them leaves it there, and the next write of that path puts it back first).
-An OS failure (no space left, read-only, permission denied) is raised as :class:`~vaekit.errors.StorageError`, its message opening with
-the OS reason and naming the path; nothing half-written is left behind. Temporary names start
-with ``.<name>.`` so a crashed write can be recognised and cleaned (``TEMP_PATTERNS``).
+An OS failure (no space left, read-only, permission denied) is raised as
+:class:`~vaekit.errors.StorageError`, its message opening with the OS reason and naming the
+path; nothing half-written is left behind. Temporary names start with ``.<name>.`` so a crashed
+write can be recognised and cleaned (``TEMP_FILE_PATTERN``).
 """
 
 from __future__ import annotations
