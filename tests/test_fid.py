@@ -9,15 +9,8 @@ from scipy import linalg
 
 from vaekit.data import ImageDataset
 from vaekit.errors import InputError, ModelFormatError
-from vaekit.evaluation.fid import (
-    FeatureStats,
-    feature_stats,
-    fid,
-    frechet_distance,
-    load_extractor,
-    reference_stats,
-    train_extractor,
-)
+from vaekit.evaluation.extractor import load_extractor, train_extractor
+from vaekit.evaluation.fid import FeatureStats, feature_stats, fid, frechet_distance, reference_stats
 
 
 def _random_gaussian(rng, d):

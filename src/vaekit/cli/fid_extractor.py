@@ -27,7 +27,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run_train(args: argparse.Namespace) -> int:
     from vaekit.artifact import update_metrics
-    from vaekit.evaluation.fid import fid_floor, load_extractor, train_extractor
+    from vaekit.evaluation.extractor import load_extractor, train_extractor
+    from vaekit.evaluation.fid import fid_floor
 
     folder = train_extractor(args.dataset, out_dir=args.out, seed=args.seed, epochs=args.epochs,
                              threads=args.threads, progress=True)
@@ -42,7 +43,7 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def run_info(args: argparse.Namespace) -> int:
-    from vaekit.evaluation.fid import default_extractor_dir, load_extractor
+    from vaekit.evaluation.extractor import default_extractor_dir, load_extractor
 
     folder = args.path or default_extractor_dir(args.dataset)
     ext = load_extractor(args.dataset, folder)

@@ -201,7 +201,8 @@ class FIDPart(ReportPart):
         return None
 
     def run(self, ctx: EvalContext) -> dict[str, Any]:
-        from vaekit.evaluation.fid import fid, fid_floor, load_extractor
+        from vaekit.evaluation.extractor import load_extractor
+        from vaekit.evaluation.fid import fid, fid_floor
 
         name = ctx.dataset.name
         try:
