@@ -1,0 +1,103 @@
+"""Where a model came from: the run folder, its resolved config, the training data, the evaluation figures.
+
+A run folder (``vaekit train`` output) holds ``config.yaml`` (the resolved run config) and ``model/`` (the saved
+model with ``metrics.json``); a bare model folder carries the data and train settings in its ``config.json``
+metadata. :func:`read_source` reads either into a :class:`Source`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from vaekit.errors import InputError, ModelFormatError
+
+
+@dataclass
+class Source:
+    """A model folder to register and the lineage read from it (and from its run folder, when it has one)."""
+
+    model_dir: Path
+    run_dir: Path | None = None
+    family: str | None = None
+    run_config: dict[str, Any] | None = None
+    data: dict[str, Any] | None = None  # the data settings (dataset, train_subset, validation, ...)
+    metrics: dict[str, Any] | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+def canonical_hash(value: Any) -> str:
+    """sha256 (hex) of ``value`` as canonical JSON (sorted keys, no spaces): equal configs give equal hashes."""
+    text = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ModelFormatError(f"{path} is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ModelFormatError(f"{path} must hold a JSON object, got {type(data).__name__}")
+    return data
+
+
+def read_source(path: str | os.PathLike) -> Source:
+    """The model folder at ``path`` (a run folder's ``model/`` or a model folder itself) and its lineage."""
+    p = Path(path)
+    if (p / "model" / "config.json").is_file():
+        model_dir, run_dir = p / "model", p
+    elif (p / "config.json").is_file():
+        model_dir, run_dir = p, None
+    elif (p / "checkpoints").is_dir():
+        raise InputError(f"source {str(p)!r} is a run without a final model (training did not finish)")
+    else:
+        raise InputError(f"source must be a run folder (with model/) or a model folder (with config.json), "
+                         f"got {str(p)!r}")
+    doc = _read_json(model_dir / "config.json")
+    meta = doc.get("metadata") or {}
+    run_config = None
+    if run_dir is not None and (run_dir / "config.yaml").is_file():
+        try:
+            run_config = yaml.safe_load((run_dir / "config.yaml").read_text())
+        except yaml.YAMLError as exc:
+            raise ModelFormatError(f"{run_dir / 'config.yaml'} is not valid YAML: {exc}") from None
+    data = (run_config or {}).get("data") or meta.get("data")
+    metrics = _read_json(model_dir / "metrics.json") if (model_dir / "metrics.json").is_file() else None
+    family = doc.get("family") or (doc.get("config") or {}).get("family")
+    return Source(model_dir=model_dir, run_dir=run_dir, family=family, run_config=run_config,
+                  data=dict(data) if data else None, metrics=metrics, metadata=meta)
+
+
+def training_examples(data: dict[str, Any]):
+    """The dataset and the (training, validation or None) examples a run with these data settings used."""
+    from vaekit.data import load_dataset
+    from vaekit.training.config import DataConfig
+
+    dc = DataConfig(dataset=data.get("dataset", "mnist"), train_subset=data.get("train_subset"),
+                    validation=data.get("validation") or 0, validation_seed=data.get("validation_seed", 0),
+                    data_dir=data.get("data_dir"), sources=data.get("sources"))
+    ds = load_dataset(dc.dataset, data_dir=dc.data_dir, sources=dc.sources)
+    train, validation = dc.train_splits(ds.train)
+    return ds, train, validation
+
+
+def data_fingerprint(data: dict[str, Any], train) -> str:
+    """sha256 of the training examples themselves (uint8 images and int64 labels, in order) and the binarization.
+
+    Taken from the bytes, not the settings: two Fashion-MNIST variants with the same settings hold different
+    images, and equal fingerprints mean the same examples wherever the files were read from.
+    """
+    h = hashlib.sha256()
+    h.update(json.dumps({"dataset": data.get("dataset", "mnist"), "shape": list(train.images.shape),
+                         "binarize": data.get("binarize", "none"), "binarize_seed": data.get("binarize_seed", 0)},
+                        sort_keys=True).encode())
+    h.update(train.images.contiguous().numpy().tobytes())
+    h.update(train.labels.contiguous().numpy().tobytes())
+    return h.hexdigest()
