@@ -420,3 +420,61 @@ def test_a_registration_killed_at_random_points_never_leaves_a_half_version(db_u
         assert not any((art_root / ".staging").iterdir())
         x = rand_images(2)
         assert r.load(after.ref).reconstruct(x).shape == x.shape
+
+
+# ---- CLI -----------------------------------------------------------------------------------------------------
+
+def test_cli_register_alias_rollback_history_verify(db_uri, art_root, tiny_run, models, capsys):
+    from vaekit.cli.main import main
+
+    where = ["--registry", db_uri, "--artifacts", str(art_root)]
+
+    def run(*argv: str) -> tuple[int, str, str]:
+        code = main(["registry", *argv, *where])
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    code, out, _ = run("register", str(tiny_run), "--name", "mnist-vae", "--alias", "production",
+                       "--reason", "first", "--tag", "team=vision")
+    assert code == 0 and "registered mnist-vae/1 (@production)" in out and "team=vision" in out
+    code, out, _ = run("register", str(models[0]), "--name", "mnist-vae", "--json")
+    v2 = json.loads(out)
+    assert code == 0 and v2["ref"] == "mnist-vae/2" and v2["aliases"] == []
+    code, out, _ = run("show", "mnist-vae/1", "--json")
+    shown = json.loads(out)
+    assert shown["run_dir"] == str(tiny_run.resolve()) and shown["run_config"]["data"]["validation"] == 200
+    assert run("alias", "mnist-vae", "production", "2", "--reason", "better")[1].strip() == \
+        "mnist-vae@production: 1 -> 2 (better)"
+    assert "rolled back: 2 -> 1 (regressed)" in run("rollback", "mnist-vae", "production", "--reason", "regressed")[1]
+    code, out, _ = run("history", "mnist-vae", "production", "--json")
+    assert [(e["from_version"], e["to_version"], e["reason"]) for e in json.loads(out)] == [
+        (None, 1, "first"), (1, 2, "better"), (2, 1, "regressed")]
+    code, out, _ = run("history", "mnist-vae")
+    assert out.splitlines()[0].split() == ["#", "at", "alias", "action", "from", "to", "actor", "reason"]
+    code, out, _ = run("list")
+    assert out.splitlines()[1].split() == ["mnist-vae", "2", "2", "production=1"]
+    assert "mnist-vae/2" in run("list", "mnist-vae")[1]
+    assert run("show", "mnist-vae@production")[1].splitlines()[0].split() == ["version", "mnist-vae/1"]
+    code, out, _ = run("verify", "mnist-vae/2")
+    assert code == 0 and out.startswith("mnist-vae/2: ok")
+    # errors: one line on stderr, exit status 2
+    code, out, err = run("delete", "mnist-vae/1", "--reason", "cleanup")
+    assert code == 2 and err.count("\n") == 1 and "vaekit registry: error: mnist-vae/1 cannot be deleted" in err
+    code, _, err = run("show", "mnist-vae/9")
+    assert code == 2 and "has no version 9" in err
+    code, _, err = run("verify", "mnist-vae")
+    assert code == 2 and "verify needs NAME/VERSION" in err
+
+
+def test_cli_reads_the_registry_from_the_environment(tmp_path, models, monkeypatch, capsys):
+    from vaekit.cli.main import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("VAEKIT_REGISTRY_ARTIFACTS", raising=False)
+    monkeypatch.delenv("VAEKIT_REGISTRY", raising=False)
+    assert main(["registry", "register", str(models[0]), "--name", "m"]) == 0
+    assert (tmp_path / "registry" / "registry.db").is_file()  # the documented default, under the cwd
+    assert (tmp_path / "registry" / "artifacts" / "sha256").is_dir()
+    monkeypatch.setenv("VAEKIT_REGISTRY", f"sqlite:///{tmp_path / 'other.db'}")
+    capsys.readouterr()
+    assert main(["registry", "list"]) == 0 and capsys.readouterr().out.strip() == "no models registered"
