@@ -7,16 +7,17 @@ Fréchet distance (Heusel et al. 2017) between Gaussians fitted to its penultima
 
     FID = |mu1 - mu2|^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2))
 
-The artifact is a folder ``config.json`` + ``model.safetensors`` + ``metrics.json`` (test
-accuracy), no pickle, by default under ``<vaekit cache>/extractors/<dataset>/``. Reference
-statistics of a split are cached beside it, keyed by a hash of the weights. Numbers are only
-comparable when computed with the same extractor artifact (same dataset, seed and epochs).
+The extractor is saved as an artifact of kind ``fid-extractor`` (:mod:`vaekit.artifact`: config,
+weights, ``metrics.json`` with the test accuracy, and a manifest of their hashes, verified on
+load), by default under ``<vaekit cache>/extractors/<dataset>/``. Reference statistics of a split
+are cached under ``<vaekit cache>/fid-stats/<dataset>/``, keyed by a hash of the weights (never
+inside the artifact, whose files are fixed by its manifest). Numbers are only comparable when
+computed with the same extractor artifact (same dataset, seed and epochs).
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
 import time
@@ -29,17 +30,18 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save, save_file
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save
 from scipy import linalg
 from torch import nn
 
-from vaekit.atomic import atomic_folder, atomic_write_bytes
+from vaekit.artifact import Artifact, config_from_artifact, load_module_state, read_artifact, write_artifact
+from vaekit.atomic import atomic_write_bytes
 from vaekit.data.dataset import ImageSplit, mix_seed, to_unit_float
 from vaekit.data.sources import default_cache_dir
 from vaekit.errors import ConfigError, InputError, ModelFormatError, describe
 
-EXTRACTOR_FORMAT = "vaekit-fid-extractor"
-EXTRACTOR_VERSION = 1
+EXTRACTOR_KIND = "fid-extractor"  # the artifact kind (format v1 folders said format "vaekit-fid-extractor")
 
 
 # -- the feature extractor -----------------------------------------------------------------------
@@ -78,12 +80,15 @@ class FeatureExtractor(nn.Module):
 
     Input images (N, C, H, W) in [0, 1]. ``features(x)`` -> (N, feature_dim) penultimate
     activations, ``predict(x)`` -> (N,) class ids. ``test_accuracy`` is the accuracy on the
-    dataset's test split measured after training (None until measured).
+    dataset's test split measured after training (None until measured). ``artifact`` is the
+    artifact it was loaded from (None for one trained in this process): reference statistics are
+    cached only for an extractor loaded from disk.
     """
 
-    def __init__(self, config: ExtractorConfig):
+    def __init__(self, config: ExtractorConfig, artifact: Artifact | None = None):
         super().__init__()
         self.config = config
+        self.artifact = artifact
         c, h, w = config.input_shape
         c1, c2 = config.channels
         self.conv1 = nn.Conv2d(c, c1, 5, padding=2)
@@ -91,7 +96,7 @@ class FeatureExtractor(nn.Module):
         self.fc = nn.Linear(c2 * (h // 4) * (w // 4), config.feature_dim)
         self.drop = nn.Dropout(config.dropout)
         self.out = nn.Linear(config.feature_dim, config.num_classes)
-        self.test_accuracy: float | None = None
+        self.test_accuracy: float | None = None if artifact is None else (artifact.metrics or {}).get("test_accuracy")
 
     @property
     def dataset(self) -> str:
@@ -163,49 +168,30 @@ def _check_dataset(dataset: Any) -> str:
 
 
 def save_extractor(extractor: FeatureExtractor, path: str | os.PathLike, metrics: dict[str, Any]) -> Path:
-    """Write the artifact folder atomically: config.json, model.safetensors, metrics.json."""
-    path = Path(path)
-    with atomic_folder(path) as tmp:
-        cfg = {"format": EXTRACTOR_FORMAT, "format_version": EXTRACTOR_VERSION, "config": asdict(extractor.config)}
-        (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-        state = {k: v.detach().cpu().contiguous() for k, v in extractor.state_dict().items()}
-        save_file(state, str(tmp / "model.safetensors"))
-        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    return path
+    """Write the extractor as an artifact folder (atomically): config, weights, ``metrics``, manifest."""
+    return write_artifact(path, EXTRACTOR_KIND, asdict(extractor.config), extractor.state_dict(), {}, metrics)
 
 
 def load_extractor(dataset: str, path: str | os.PathLike | None = None) -> FeatureExtractor:
     """Load the trained extractor for ``dataset`` (from ``path`` or the default cache location).
 
     Raises ModelFormatError, telling the user to run ``vaekit fid-extractor train <dataset>``,
-    when no artifact exists.
+    when no artifact exists; ArtifactIntegrityError when a file differs from the manifest;
+    ModelFormatError naming the field or tensor for a config or weights that do not fit.
+    A format v1 folder (no manifest) loads with a LegacyArtifactWarning.
     """
     _check_dataset(dataset)
     folder = Path(path) if path is not None else default_extractor_dir(dataset)
-    cfg_file, weights = folder / "config.json", folder / "model.safetensors"
-    if not cfg_file.is_file() or not weights.is_file():
+    if not (folder / "config.json").is_file() and not (folder / "manifest.json").is_file():
         raise ModelFormatError(f"no FID feature extractor for {dataset!r} at {folder}; train one with "
                                f"`vaekit fid-extractor train {dataset}` (about 5 minutes on 2 CPU cores)"
                                + (f" --out {folder}" if path is not None else ""))
-    try:
-        doc = json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as exc:
-        raise ModelFormatError(f"{cfg_file} is not valid JSON: {exc}") from exc
-    if doc.get("format") != EXTRACTOR_FORMAT or doc.get("format_version") != EXTRACTOR_VERSION:
-        raise ModelFormatError(f"{cfg_file}: format {doc.get('format')!r} v{doc.get('format_version')!r}, "
-                               f"expected {EXTRACTOR_FORMAT!r} v{EXTRACTOR_VERSION}")
-    raw = dict(doc["config"])
-    raw["input_shape"] = tuple(raw["input_shape"])
-    raw["channels"] = tuple(raw["channels"])
-    config = ExtractorConfig(**raw)
+    art = read_artifact(folder, EXTRACTOR_KIND, allow_legacy=True)
+    config = config_from_artifact(ExtractorConfig, art)
     if config.dataset != dataset:
         raise ModelFormatError(f"{folder} holds an extractor for {config.dataset!r}, not {dataset!r}")
-    extractor = FeatureExtractor(config)
-    extractor.load_state_dict(load_file(str(weights)))
-    metrics_file = folder / "metrics.json"
-    if metrics_file.is_file():
-        extractor.test_accuracy = json.loads(metrics_file.read_text()).get("test_accuracy")
-    extractor.artifact_dir = folder  # type: ignore[attr-defined]  # where reference statistics are cached
+    extractor = FeatureExtractor(config, artifact=art)
+    load_module_state(extractor, art)
     return extractor.eval()
 
 
@@ -395,20 +381,23 @@ def image_stats(images: torch.Tensor | Iterable[torch.Tensor], extractor: Featur
 
 
 def _stats_file(extractor: FeatureExtractor, split: str, n: int | None) -> Path | None:
-    folder = getattr(extractor, "artifact_dir", None)
-    if folder is None:
+    """``<vaekit cache>/fid-stats/<dataset>/stats-<split>[-first<n>]-<weights hash>.safetensors``, or
+    None for an extractor not loaded from an artifact."""
+    if extractor.artifact is None:
         return None
     suffix = f"-first{n}" if n is not None else ""
-    return Path(folder) / f"stats-{split}{suffix}-{extractor.weights_hash()}.safetensors"
+    name = f"stats-{split}{suffix}-{extractor.weights_hash()}.safetensors"
+    return default_cache_dir() / "fid-stats" / extractor.dataset / name
 
 
 def reference_stats(dataset: str, split: str = "test", extractor: FeatureExtractor | None = None,
                     n: int | None = None, data: Any = None) -> tuple[np.ndarray, np.ndarray]:
     """Feature statistics of a dataset split's grey images (the first ``n`` when given), cached.
 
-    The cache file sits in the extractor's artifact folder and is keyed by a hash of its weights,
-    so retraining the extractor never reuses stale statistics. An extractor not loaded from disk
-    gets no cache. ``data`` reuses an ImageDataset already in memory.
+    The cache file sits in ``<vaekit cache>/fid-stats/<dataset>/`` and is keyed by a hash of the
+    extractor's weights, so retraining the extractor never reuses stale statistics; an unreadable
+    cache file is recomputed. An extractor not loaded from disk gets no cache. ``data`` reuses an
+    ImageDataset already in memory.
     """
     _check_dataset(dataset)
     if split not in ("train", "test"):
@@ -418,8 +407,11 @@ def reference_stats(dataset: str, split: str = "test", extractor: FeatureExtract
     extractor = extractor if extractor is not None else load_extractor(dataset)
     cache = _stats_file(extractor, split, n)
     if cache is not None and cache.is_file():
-        saved = load_file(str(cache))
-        return saved["mu"].numpy(), saved["sigma"].numpy()
+        try:
+            saved = load_file(str(cache))
+            return saved["mu"].numpy(), saved["sigma"].numpy()
+        except (SafetensorError, KeyError, OSError):
+            pass  # a damaged cache file: recompute and replace it
     from vaekit.data import load_dataset
 
     ds = data if data is not None else load_dataset(dataset)

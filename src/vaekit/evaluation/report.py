@@ -187,7 +187,7 @@ def _part_fid(ctx: _Context) -> dict[str, Any]:
     images = _samples(ctx.model, ctx.config.fid_samples, ctx.config.seed)
     return {"fid": fid(images, name, ext, data=ctx.dataset), "samples": ctx.config.fid_samples,
             "fid_floor_train_vs_test": fid_floor(name, ext, data=ctx.dataset),
-            "extractor": str(getattr(ext, "artifact_dir", "")), "extractor_test_accuracy": ext.test_accuracy,
+            "extractor": str(ext.artifact.path if ext.artifact else ""), "extractor_test_accuracy": ext.test_accuracy,
             "extractor_weights_hash": ext.weights_hash(), "against": f"{name} test split ({len(ctx.dataset.test)})"}
 
 
