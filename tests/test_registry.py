@@ -21,9 +21,9 @@ import yaml
 from helpers import rand_images
 
 from vaekit import VAE, VAEConfig
-from vaekit.errors import InputError, RegistryError, RegistryLookupError
+from vaekit.artifact import verify_artifact
+from vaekit.errors import ArtifactError, ArtifactIntegrityError, InputError, RegistryError, RegistryLookupError
 from vaekit.registry import ModelRegistry, Ref, parse_ref
-from vaekit.registry.store import content_hash
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -114,7 +114,7 @@ def test_register_a_run_keeps_its_lineage(reg, tiny_run, mnist):
     assert v.created_by == "tester@ci" and v.created_at.endswith("Z") and v.vaekit_version
     assert v.description == "first try" and v.parent is None
     # the stored copy is complete and content-addressed; the model loads from it
-    assert v.artifact_path.is_dir() and v.artifact_hash == content_hash(tiny_run / "model")
+    assert v.artifact_path.is_dir() and v.artifact_hash == verify_artifact(tiny_run / "model").digest
     x = rand_images(4)
     from vaekit import load_model
 
@@ -319,8 +319,27 @@ def test_verify_rehashes_and_names_a_corrupt_artifact(reg, models):
     data = bytearray(weights.read_bytes())
     data[len(data) // 2] ^= 0x01
     weights.write_bytes(bytes(data))
-    with pytest.raises(RegistryError, match=str(v.artifact_path)):
+    with pytest.raises(ArtifactIntegrityError, match="model.safetensors: sha256 expected") as info:
         reg.verify("m/1")
+    assert info.value.file == "model.safetensors" and info.value.expected != info.value.actual
+    with pytest.raises(ArtifactIntegrityError, match="model.safetensors"):
+        reg.load("m/1")
+
+
+def test_a_source_that_fails_verification_is_refused(reg, models, tmp_path):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(models[0], bad)
+    (bad / "config.json").write_text((bad / "config.json").read_text().replace('"latent_dim": 2', '"latent_dim": 3'))
+    with pytest.raises(ArtifactIntegrityError, match="config.json"):
+        reg.register(bad, "m")
+    legacy = tmp_path / "legacy"
+    shutil.copytree(models[0], legacy)
+    (legacy / "manifest.json").unlink()
+    with pytest.raises(ArtifactError, match="no manifest.json"):
+        reg.register(legacy, "m")
+    assert reg.models() == [] and not list((reg.store.root / "sha256").glob("*/*"))
 
 
 def test_gc_removes_orphans_and_keeps_referenced_artifacts(reg, models, art_root):
@@ -366,7 +385,7 @@ def test_two_processes_registering_at_once_get_distinct_versions(db_uri, art_roo
     with ModelRegistry(db_uri, artifact_root=art_root) as r:
         for number, src in pairs:
             v = r.verify(f"race/{number}")  # complete and matching its hash
-            assert v.artifact_hash == content_hash(Path(src))
+            assert v.artifact_hash == verify_artifact(src).digest
         assert len(r.versions("race")) == 40
 
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from vaekit.errors import InputError, ModelFormatError
+from vaekit.errors import InputError, ModelFormatError, describe
 
 
 @dataclass
@@ -38,18 +38,16 @@ def canonical_hash(value: Any) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ModelFormatError(f"{path} is not valid JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise ModelFormatError(f"{path} must hold a JSON object, got {type(data).__name__}")
-    return data
-
-
 def read_source(path: str | os.PathLike) -> Source:
-    """The model folder at ``path`` (a run folder's ``model/`` or a model folder itself) and its lineage."""
+    """The model folder at ``path`` (a run folder's ``model/`` or a model folder itself) and its lineage.
+
+    The model folder is read with :func:`vaekit.artifact.read_artifact`, so it is verified against its manifest
+    (a changed byte is an ArtifactIntegrityError naming the file; a format v1 folder without a manifest is an
+    ArtifactError saying how to upgrade it).
+    """
+    from vaekit.artifact import read_artifact
+    from vaekit.models.base import MODEL_KIND
+
     p = Path(path)
     if (p / "model" / "config.json").is_file():
         model_dir, run_dir = p / "model", p
@@ -60,19 +58,18 @@ def read_source(path: str | os.PathLike) -> Source:
     else:
         raise InputError(f"source must be a run folder (with model/) or a model folder (with config.json), "
                          f"got {str(p)!r}")
-    doc = _read_json(model_dir / "config.json")
-    meta = doc.get("metadata") or {}
+    art = read_artifact(model_dir, MODEL_KIND)
     run_config = None
     if run_dir is not None and (run_dir / "config.yaml").is_file():
         try:
             run_config = yaml.safe_load((run_dir / "config.yaml").read_text())
         except yaml.YAMLError as exc:
             raise ModelFormatError(f"{run_dir / 'config.yaml'} is not valid YAML: {exc}") from None
-    data = (run_config or {}).get("data") or meta.get("data")
-    metrics = _read_json(model_dir / "metrics.json") if (model_dir / "metrics.json").is_file() else None
-    family = doc.get("family") or (doc.get("config") or {}).get("family")
-    return Source(model_dir=model_dir, run_dir=run_dir, family=family, run_config=run_config,
-                  data=dict(data) if data else None, metrics=metrics, metadata=meta)
+        if not isinstance(run_config, dict):
+            raise ModelFormatError(f"{run_dir / 'config.yaml'} must hold a mapping, got {describe(run_config)}")
+    data = (run_config or {}).get("data") or art.metadata.get("data")
+    return Source(model_dir=model_dir, run_dir=run_dir, family=art.config.get("family"), run_config=run_config,
+                  data=dict(data) if data else None, metrics=art.metrics, metadata=art.metadata)
 
 
 def training_examples(data: dict[str, Any]):

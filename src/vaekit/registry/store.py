@@ -1,26 +1,27 @@
-"""The registry's content-addressed artifact folder: ``<root>/sha256/<hh>/<hash>/``, written once, never changed.
+"""The registry's content-addressed artifact folder: ``<root>/sha256/<hh>/<digest>/``, written once, never changed.
 
-An artifact is copied into a private staging folder (``<root>/.staging/``), hashed, and renamed into place in one
-step, so a reader (or a crash) sees either no folder or a complete one. Two processes storing the same content
-race on the rename; the loser verifies the winner's copy and drops its own. A content folder no version refers
-to (a registration killed after the copy, before its row committed) is harmless: the next registration of the
-same content reuses it, and :meth:`ArtifactStore.gc` removes it once it is older than a grace period.
+The address is the artifact's digest (:attr:`vaekit.artifact.Artifact.digest`: the sha256 of its
+``manifest.json``, which covers every byte of the folder). An artifact is copied into a private staging folder
+(``<root>/.staging/``), verified against its manifest, and renamed into place in one step, so a reader (or a
+crash) sees either no folder or a complete one. Two processes storing the same content race on the rename; the
+loser verifies the winner's copy and drops its own. A content folder no version refers to (a registration
+killed after the copy, before its row committed) is harmless: the next registration of the same content reuses
+it, and :meth:`ArtifactStore.gc` removes it once it is older than a grace period.
 """
 
 from __future__ import annotations
 
 import errno
-import hashlib
-import json
 import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from vaekit.errors import InputError, RegistryError
+from vaekit.artifact import verify_artifact
+from vaekit.errors import ArtifactIntegrityError
 
 STAGING = ".staging"
 CONTENT = "sha256"
@@ -28,7 +29,7 @@ CONTENT = "sha256"
 
 @dataclass(frozen=True)
 class StoredArtifact:
-    """Where a stored artifact lives: its content hash, its path relative to the store's root, its absolute path."""
+    """Where a stored artifact lives: its digest, its path relative to the store's root, its absolute path."""
 
     hash: str
     relpath: str
@@ -43,27 +44,16 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _files(folder: Path) -> list[Path]:
-    """The regular files under ``folder`` (sorted, relative); a symlink is refused (the copy must hold the bytes)."""
-    out = []
-    for p in sorted(folder.rglob("*")):
-        if p.is_symlink():
-            raise InputError(f"artifact folder {folder} holds a symbolic link {p}; the registry stores real files")
-        if p.is_file():
-            out.append(p.relative_to(folder))
-    return out
-
-
-def content_hash(folder: Path) -> str:
-    """sha256 over every file's relative path and sha256 (sorted): equal folders give equal hashes."""
-    listing = {}
-    for rel in _files(folder):
-        h = hashlib.sha256()
-        with open(folder / rel, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-        listing[rel.as_posix()] = h.hexdigest()
-    return hashlib.sha256(json.dumps(listing, sort_keys=True).encode()).hexdigest()
+def copy_artifact(src: Path, dst: Path) -> None:
+    """Copy the artifact folder ``src`` to the new folder ``dst`` byte for byte, each file fsynced (links are
+    copied as links, so verification refuses them rather than following them out of the folder)."""
+    shutil.copytree(src, dst, symlinks=True)
+    for root, _, files in os.walk(dst):
+        for f in files:
+            p = Path(root) / f
+            if not p.is_symlink():
+                with open(p, "rb+") as fh:
+                    os.fsync(fh.fileno())
 
 
 class ArtifactStore:
@@ -79,51 +69,63 @@ class ArtifactStore:
     def relpath_for(digest: str) -> str:
         return f"{CONTENT}/{digest[:2]}/{digest}"
 
-    def put(self, folder: str | os.PathLike) -> StoredArtifact:
-        """Copy ``folder`` into the store under its content hash (or reuse an identical copy already there)."""
+    def put(self, folder: str | os.PathLike,
+            build: Callable[[Path, Path], object] | None = None) -> StoredArtifact:
+        """Store the artifact at ``folder`` under its digest (or reuse an identical copy already there).
+
+        ``folder`` is verified first (ArtifactError, ArtifactIntegrityError). ``build(folder, dst)`` writes the
+        artifact to store at the new folder ``dst`` (e.g. the model with a reference profile attached); the
+        default copies ``folder`` as it is.
+        """
         src = Path(folder)
-        if not src.is_dir():
-            raise InputError(f"folder must be an artifact folder, got {str(src)!r} (not a folder)")
+        source_digest = verify_artifact(src).digest
+        if build is None and (self.root / self.relpath_for(source_digest)).is_dir():
+            return self._reuse(source_digest)
         staging_root = self.root / STAGING
         staging_root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=staging_root, prefix="put-"))
         try:
-            for rel in _files(src):
-                (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(src / rel, tmp / rel)
-                with open(tmp / rel, "rb+") as f:
-                    os.fsync(f.fileno())
-            return self._commit(tmp)
+            staged = tmp / "artifact"
+            (build or copy_artifact)(src, staged)
+            digest = verify_artifact(staged).digest  # the bytes stored are the bytes checked
+            if build is None and digest != source_digest:
+                raise ArtifactIntegrityError(str(src), [("manifest.json", "changed while it was being copied",
+                                                         source_digest, digest)])
+            return self._commit(staged, digest)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
-    def _commit(self, tmp: Path) -> StoredArtifact:
-        digest = content_hash(tmp)
+    def _reuse(self, digest: str) -> StoredArtifact:
+        rel = self.relpath_for(digest)
+        self.verify(rel, digest)
+        os.utime(self.root / rel)  # a fresh mtime keeps gc's grace period from taking a folder about to be used
+        return StoredArtifact(digest, rel, self.root / rel)
+
+    def _commit(self, staged: Path, digest: str) -> StoredArtifact:
         rel = self.relpath_for(digest)
         dest = self.root / rel
         dest.parent.mkdir(parents=True, exist_ok=True)
         if not dest.exists():
-            os.chmod(tmp, 0o755)  # mkdtemp makes 0700; a shared store is read by other users
-            _fsync_dir(tmp)
+            os.chmod(staged, 0o755)  # a shared store is read by other users
+            _fsync_dir(staged)
             try:
-                tmp.rename(dest)  # atomic; fails when another process put the same content first
+                staged.rename(dest)  # atomic; fails when another process stored the same content first
                 _fsync_dir(dest.parent)
                 return StoredArtifact(digest, rel, dest)
             except OSError as exc:
                 if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY) or not dest.exists():
                     raise
-        self.verify(rel, digest)
-        os.utime(dest)  # a fresh mtime keeps gc's grace period from taking a folder about to be referenced
-        return StoredArtifact(digest, rel, dest)
+        return self._reuse(digest)
 
     def verify(self, relpath: str, expected: str) -> None:
-        """Re-hash a stored artifact; RegistryError naming it when it is missing or its hash differs."""
+        """Re-hash a stored artifact against its manifest and its digest against ``expected`` (the one recorded
+        at registration). ArtifactIntegrityError naming the file (or the manifest) otherwise; ArtifactError
+        when the folder is gone."""
         path = self.root / relpath
-        if not path.is_dir():
-            raise RegistryError(f"artifact {path} is missing from the registry's artifact folder")
-        actual = content_hash(path)
-        if actual != expected:
-            raise RegistryError(f"artifact {path} is corrupt: expected content sha256 {expected}, got {actual}")
+        digest = verify_artifact(path).digest
+        if digest != expected:
+            raise ArtifactIntegrityError(str(path), [("manifest.json", "differs from the one registered",
+                                                      expected, digest)])
 
     def gc(self, referenced: Iterable[str], *, min_age_s: float = 3600.0, dry_run: bool = False) -> list[Path]:
         """Remove content folders no version refers to and staging leftovers, when older than ``min_age_s``.
