@@ -24,6 +24,7 @@ from vaekit import VAE, VAEConfig
 from vaekit.artifact import verify_artifact
 from vaekit.errors import ArtifactError, ArtifactIntegrityError, InputError, RegistryError, RegistryLookupError
 from vaekit.registry import ModelRegistry, Ref, parse_ref
+from vaekit.registry import schema as S
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -387,6 +388,35 @@ def test_two_processes_registering_at_once_get_distinct_versions(db_uri, art_roo
             v = r.verify(f"race/{number}")  # complete and matching its hash
             assert v.artifact_hash == verify_artifact(src).digest
         assert len(r.versions("race")) == 40
+
+
+def _hold_write_lock(uri: str, root: str, locked, release) -> None:
+    r = ModelRegistry(uri, artifact_root=root)
+    with r.engine.begin() as conn:  # a writer in the middle of a transaction
+        conn.execute(S.tags.insert().values(name="m", version=1, key="held", value="yes"))
+        locked.set()
+        release.wait(30)
+
+
+def test_readers_do_not_wait_for_a_writer(reg, db_uri, art_root, models):
+    reg.register(models[0], "m", alias="production")
+    locked, release = FORK.Event(), FORK.Event()
+    reg.close()  # no pooled connection crosses the fork
+    p = FORK.Process(target=_hold_write_lock, args=(db_uri, str(art_root), locked, release))
+    p.start()
+    try:
+        assert locked.wait(30)
+        with ModelRegistry(db_uri, artifact_root=art_root) as r:
+            t0 = time.perf_counter()
+            v = r.get("m@production")
+            assert r.history("m") and r.models()
+            elapsed = time.perf_counter() - t0
+        assert v.version == 1 and "held" not in v.tags  # the snapshot before the writer's commit
+        assert elapsed < 2.0, f"reads waited {elapsed:.1f} s for the writer"
+    finally:
+        release.set()
+        p.join(30)
+    assert reg.get("m/1").tags == {"held": "yes"}
 
 
 def _register_forever(uri: str, root: str, sources: list[str], ready) -> None:

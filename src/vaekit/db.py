@@ -7,6 +7,7 @@
   ``BEGIN`` that takes the write lock only at the first write); two writers that both read first then deadlock on
   the lock upgrade and one fails at once with "database is locked" whatever the timeout (the MLflow SQLite failure,
   mlflow/mlflow#6490). Taking the write lock at ``BEGIN`` makes writers queue on the busy timeout instead.
+  Transactions through :func:`reader` only read and begin deferred, so they never wait for a writer.
 - ``postgresql://...`` (a store shared by several machines): the psycopg 3 driver
   (``postgresql+psycopg://``), pre-ping so a connection dropped by the server is replaced, not raised.
 
@@ -30,6 +31,7 @@ from vaekit.errors import InputError, describe
 T = TypeVar("T")
 
 BUSY_TIMEOUT_S = 30.0  # how long a SQLite writer waits for another one before failing
+READ_ONLY = "vaekit_read_only"  # execution option: this transaction only reads
 
 
 def parse_uri(uri: str) -> URL:
@@ -108,7 +110,17 @@ def _sqlite_events(engine: Engine, busy_timeout_s: float) -> None:
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Any) -> None:
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        # a read-only transaction (see reader()) stays deferred: in WAL mode it reads a snapshot without
+        # taking the write lock, so readers never wait for writers
+        read_only = conn.get_execution_options().get(READ_ONLY, False)
+        conn.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
+
+
+def reader(engine: Engine) -> Engine:
+    """A view of ``engine`` whose transactions only read: on SQLite they begin deferred (no write lock, a
+    consistent snapshot); on PostgreSQL nothing changes. Writing through it on SQLite can fail with "database is
+    locked" instead of waiting, so use it only for reads."""
+    return engine.execution_options(**{READ_ONLY: True})
 
 
 def is_retryable(exc: BaseException) -> bool:

@@ -24,7 +24,7 @@ from sqlalchemy import func, insert, inspect, select, update
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError, OperationalError
 
-from vaekit.db import make_engine, run_with_retry, sqlite_path
+from vaekit.db import make_engine, reader, run_with_retry, sqlite_path
 from vaekit.errors import DataError, InputError, RegistryError, RegistryLookupError, describe
 from vaekit.registry import schema as S
 from vaekit.registry.lineage import canonical_hash, data_fingerprint, read_source, training_examples
@@ -165,6 +165,7 @@ class ModelRegistry:
                  actor: str | None = None):
         self.uri = uri or os.environ.get(ENV_URI) or DEFAULT_URI
         self.engine = make_engine(self.uri)
+        self._read = reader(self.engine)  # reads never wait for a SQLite writer
         self.actor = actor or default_actor()
         self._init_schema(artifact_root)
         self.store = ArtifactStore(self._artifact_root(artifact_root))
@@ -185,28 +186,43 @@ class ModelRegistry:
 
     def _init_schema(self, artifact_root: str | os.PathLike | None) -> None:
         shown = self.engine.url.render_as_string(hide_password=True)
+        want_root = artifact_root is not None and not self._is_sqlite  # a shared root is recorded once
+
+        def state(conn: Connection) -> tuple[int | None, bool, bool]:
+            """(schema version or None, every table present, an artifact root recorded)."""
+            tables = set(inspect(conn).get_table_names())
+            found = None
+            if S.schema_table.name in tables:
+                found = conn.execute(select(S.schema_table.c.version)).scalar_one_or_none()
+            if found is not None and found > S.SCHEMA_VERSION:
+                from vaekit import __version__
+
+                raise RegistryError(
+                    f"the registry at {shown} has schema version {found}, newer than this vaekit "
+                    f"({__version__}) reads (up to {S.SCHEMA_VERSION}); upgrade vaekit to open it")
+            complete = set(S.metadata.tables) <= tables
+            has_root = complete and conn.execute(select(S.settings.c.value).where(
+                S.settings.c.key == "artifact_root")).scalar_one_or_none() is not None
+            return found, complete, has_root
 
         def init() -> None:
+            # an existing, current registry is opened with a read only: opening never waits for a writer
+            with self._read.connect() as conn:
+                found, complete, has_root = state(conn)
+            if found == S.SCHEMA_VERSION and complete and (has_root or not want_root):
+                return
             with self.engine.begin() as conn:
-                if inspect(conn).has_table(S.schema_table.name):
-                    found = conn.execute(select(S.schema_table.c.version)).scalar_one_or_none()
-                    if found is not None and found > S.SCHEMA_VERSION:
-                        from vaekit import __version__
-
-                        raise RegistryError(
-                            f"the registry at {shown} has schema version {found}, newer than this vaekit "
-                            f"({__version__}) reads (up to {S.SCHEMA_VERSION}); upgrade vaekit to open it")
+                found, complete, has_root = state(conn)
                 S.metadata.create_all(conn)
-                if conn.execute(select(S.schema_table.c.version)).scalar_one_or_none() is None:
+                if found is None:
                     from vaekit import __version__
 
                     conn.execute(insert(S.schema_table).values(id=1, version=S.SCHEMA_VERSION, created_at=utc_now(),
                                                                created_by_vaekit=__version__))
-                if artifact_root is not None:
-                    have = conn.execute(select(S.settings.c.value).where(S.settings.c.key == "artifact_root"))
-                    if have.scalar_one_or_none() is None and not self._is_sqlite:
-                        conn.execute(insert(S.settings).values(key="artifact_root",
-                                                               value=str(Path(artifact_root).resolve())))
+                if want_root and not has_root:
+                    assert artifact_root is not None
+                    conn.execute(insert(S.settings).values(key="artifact_root",
+                                                           value=str(Path(artifact_root).resolve())))
 
         try:
             # two processes creating the tables at once: one loses the race (duplicate table) and retries
@@ -223,7 +239,7 @@ class ModelRegistry:
             return Path(artifact_root).resolve()
         if os.environ.get(ENV_ARTIFACTS):
             return Path(os.environ[ENV_ARTIFACTS]).resolve()
-        with self.engine.connect() as conn:
+        with self._read.connect() as conn:
             stored = conn.execute(select(S.settings.c.value).where(S.settings.c.key == "artifact_root"))
             stored = stored.scalar_one_or_none()
         if stored:
@@ -296,7 +312,7 @@ class ModelRegistry:
         RegistryLookupError when it does not exist (or was deleted, unless ``include_deleted``).
         """
         r = parse_ref(ref)
-        with self.engine.connect() as conn:
+        with self._read.connect() as conn:
             number = self._resolve(conn, r)
             found = self._versions(conn, (S.versions.c.name == r.name) & (S.versions.c.version == number))
         if not found:
@@ -308,7 +324,7 @@ class ModelRegistry:
         return ver
 
     def _lookup_failure(self, r: Ref, number: int) -> None:
-        with self.engine.connect() as conn:
+        with self._read.connect() as conn:
             self._require_name(conn, r.name)
             latest = conn.execute(select(func.max(S.versions.c.version)).where(S.versions.c.name == r.name)).scalar()
         raise RegistryLookupError(f"model {r.name!r} has no version {number} (versions 1..{latest})")
@@ -325,13 +341,13 @@ class ModelRegistry:
         where = S.versions.c.name == name
         if not include_deleted:
             where = where & S.versions.c.deleted_at.is_(None)
-        with self.engine.connect() as conn:
+        with self._read.connect() as conn:
             return self._versions(conn, where)
 
     def models(self) -> list[ModelSummary]:
         """Every registered name with its live version count, latest live version and aliases."""
         v = S.versions.c
-        with self.engine.connect() as conn:
+        with self._read.connect() as conn:
             rows = conn.execute(select(v.name, func.count(v.id), func.max(v.version))
                                 .where(v.deleted_at.is_(None)).group_by(v.name)).all()
             counts = {r[0]: (r[1], r[2]) for r in rows}
@@ -363,13 +379,13 @@ class ModelRegistry:
         if alias is not None:
             a = S.aliases.c
             where = where & select(a.alias).where(a.name == v.name, a.version == v.version, a.alias == alias).exists()
-        with self.engine.connect() as conn:
+        with self._read.connect() as conn:
             return self._versions(conn, where)
 
     def aliases(self, name: str) -> dict[str, int]:
         """``{alias: version}`` for ``name``."""
         check_name(name)
-        with self.engine.connect() as conn:
+        with self._read.connect() as conn:
             rows = conn.execute(select(S.aliases.c.alias, S.aliases.c.version).where(S.aliases.c.name == name))
             return dict(sorted((r[0], r[1]) for r in rows))
 
@@ -380,7 +396,7 @@ class ModelRegistry:
         where = h.name == name
         if alias is not None:
             where = where & (h.alias == check_alias(alias))
-        with self.engine.connect() as conn:
+        with self._read.connect() as conn:
             rows = conn.execute(select(S.alias_history).where(where).order_by(h.id)).all()
         return [AliasEvent(**r._mapping) for r in rows]
 
@@ -542,9 +558,10 @@ class ModelRegistry:
         """Point ``alias`` at ``to_version`` (None: remove it) and append the move to the history, in ``conn``'s
         transaction. None when the alias already holds ``to_version`` (nothing moves, nothing is recorded)."""
         a = S.aliases.c
+        # lock order, everywhere: the alias row, then the version row (delete locks only the version row)
+        current = conn.execute(select(a.version).where(a.name == name, a.alias == alias).with_for_update()).scalar()
         if to_version is not None:
             self._live_version(conn, name, to_version, lock=True)
-        current = conn.execute(select(a.version).where(a.name == name, a.alias == alias).with_for_update()).scalar()
         if current == to_version:
             return None
         now = utc_now()
@@ -655,7 +672,7 @@ class ModelRegistry:
     def gc(self, *, min_age_s: float = 3600.0, dry_run: bool = False) -> list[Path]:
         """Remove artifact folders no live version refers to (orphans of killed registrations, deleted versions)
         and staging leftovers, when older than ``min_age_s`` seconds. Returns the folders removed."""
-        with self.engine.connect() as conn:
+        with self._read.connect() as conn:
             live = set(conn.execute(select(S.versions.c.artifact_path)
                                     .where(S.versions.c.deleted_at.is_(None))).scalars())
         return self.store.gc(live, min_age_s=min_age_s, dry_run=dry_run)
