@@ -6,6 +6,7 @@ imported) and real SIGKILLs.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import multiprocessing as mp
@@ -388,6 +389,44 @@ def test_two_processes_registering_at_once_get_distinct_versions(db_uri, art_roo
             v = r.verify(f"race/{number}")  # complete and matching its hash
             assert v.artifact_hash == verify_artifact(src).digest
         assert len(r.versions("race")) == 40
+
+
+def _move_aliases(uri: str, root: str, seed: int, start, results) -> None:
+    try:
+        r = ModelRegistry(uri, artifact_root=root, actor=f"mover{seed}@test")
+        rng = random.Random(seed)
+        start.wait(30)
+        for _ in range(15):
+            if rng.random() < 0.3:
+                with contextlib.suppress(RegistryError):  # nothing earlier to go back to at that moment
+                    r.rollback("m", "production", "concurrent rollback")
+            else:
+                r.set_alias("m", "production", rng.randint(1, 4), "concurrent move")
+        results.put("ok")
+    except BaseException as exc:
+        results.put(f"{type(exc).__name__}: {exc}")
+
+
+def test_concurrent_alias_moves_keep_one_consistent_history(reg, db_uri, art_root, models):
+    for i in range(4):
+        reg.register(models[i], "m")
+    reg.set_alias("m", "production", 1, "start")
+    reg.close()
+    start, results = FORK.Event(), FORK.Queue()
+    procs = [FORK.Process(target=_move_aliases, args=(db_uri, str(art_root), seed, start, results))
+             for seed in (1, 2)]
+    for p in procs:
+        p.start()
+    start.set()
+    assert [results.get(timeout=120) for _ in procs] == ["ok", "ok"]
+    for p in procs:
+        p.join(30)
+    with ModelRegistry(db_uri, artifact_root=art_root) as r:
+        hist = r.history("m", "production")
+        # each move starts where the one before it ended: no move was lost or interleaved
+        assert all(b.from_version == a.to_version for a, b in zip(hist, hist[1:], strict=False))
+        assert r.aliases("m")["production"] == hist[-1].to_version
+        assert {e.actor for e in hist[1:]} == {"mover1@test", "mover2@test"}
 
 
 def _hold_write_lock(uri: str, root: str, locked, release) -> None:
