@@ -173,8 +173,7 @@ def recon_mse(model, x: torch.Tensor, y: torch.Tensor, batch: int = 1000) -> flo
     total = 0.0
     for i in range(0, x.shape[0], batch):
         xb = x[i : i + batch]
-        kw = {"y": y[i : i + batch]} if model.needs_labels else {}
-        total += float((model.reconstruct(xb, **kw) - xb).pow(2).sum())
+        total += float((model.reconstruct(xb, y[i : i + batch]) - xb).pow(2).sum())
     return total / x.numel()
 
 
@@ -183,7 +182,7 @@ def posterior_means(model, x: torch.Tensor, y: torch.Tensor, batch: int = 1000) 
     out = []
     for i in range(0, x.shape[0], batch):
         xb = x[i : i + batch]
-        q = model.encode(xb, y[i : i + batch]) if model.needs_labels else model.encode(xb)
+        q = model.encode(xb, y[i : i + batch])
         out.append(q.mean)
     return torch.cat(out)
 
@@ -293,7 +292,7 @@ def cvae_figures(name: str, model, extractor, args) -> dict[str, Any]:
     acc, grid = [], []
     torch.manual_seed(4)
     for c in range(10):
-        imgs = sample_images(model, n, c=c)
+        imgs = sample_images(model, n, y=c)
         acc.append(float((extractor.predict(imgs) == c).double().mean()))
         grid.append(imgs[:10])
     save_grid(torch.cat(grid), FIGURES / f"{name}_samples_by_class.png", nrow=10)  # one row per class

@@ -34,7 +34,7 @@ from vaekit.errors import ConfigError, InputError, ModelFormatError, describe
 from vaekit.evaluation.elbo import evaluate_elbo
 from vaekit.evaluation.images import save_grid
 from vaekit.evaluation.latent import active_units, mutual_information
-from vaekit.evaluation.nll import nll, probe_posterior
+from vaekit.evaluation.nll import nll, supports_nll
 from vaekit.evaluation.reconstruction import reconstruction_metrics
 from vaekit.evaluation.traversals import dims_by_kl, interpolations, reconstruction_rows, traversals
 
@@ -118,17 +118,15 @@ def _part_elbo(ctx: _Context) -> dict[str, Any]:
 def _posteriors(ctx: _Context) -> tuple[torch.Tensor, torch.Tensor]:
     means, logvars = [], []
     for x, y in ctx.test_batches():
-        q = ctx.model.encode(x, y) if getattr(ctx.model, "needs_labels", False) else ctx.model.encode(x)
-        if not (hasattr(q, "mean") and hasattr(q, "logvar")):
-            raise SkippedError(f"{type(ctx.model).__name__}'s posterior has no mean/logvar (not a Gaussian posterior)")
+        q = ctx.model.encode(x, y)
         means.append(q.mean.cpu())
         logvars.append(q.logvar.cpu())
     return torch.cat(means), torch.cat(logvars)
 
 
 def _part_latent(ctx: _Context) -> dict[str, Any]:
-    if not callable(getattr(ctx.model, "encode", None)):
-        raise SkippedError(f"{type(ctx.model).__name__} has no encode()")
+    if not ctx.model.gaussian_posterior:
+        raise SkippedError(f"{type(ctx.model).__name__} has no Gaussian posterior (active units and MI need one)")
     was = ctx.model.training
     ctx.model.eval()
     try:
@@ -142,11 +140,7 @@ def _part_latent(ctx: _Context) -> dict[str, Any]:
 
 
 def _part_nll(ctx: _Context) -> dict[str, Any]:
-    x, y = next(iter(ctx.test_batches(2)))
-    was = ctx.model.training
-    ctx.model.eval()
-    ok, why = probe_posterior(ctx.model, x, y if getattr(ctx.model, "needs_labels", False) else None)
-    ctx.model.train(was)
+    ok, why = supports_nll(ctx.model)
     if not ok:
         raise SkippedError(why)
     c = ctx.config
@@ -157,8 +151,6 @@ def _part_nll(ctx: _Context) -> dict[str, Any]:
 
 
 def _part_recon(ctx: _Context) -> dict[str, Any]:
-    if not callable(getattr(ctx.model, "reconstruct", None)):
-        raise SkippedError(f"{type(ctx.model).__name__} has no reconstruct()")
     n = ctx.config.recon_examples
     return reconstruction_metrics(ctx.model, ctx.test_batches(n), max_examples=n)
 
@@ -178,7 +170,7 @@ def _part_fid(ctx: _Context) -> dict[str, Any]:
     name = ctx.dataset.name
     if name not in FID_DATASETS:
         raise SkippedError(f"FID is defined here for {list(FID_DATASETS)} (one vaekit extractor each), not {name!r}")
-    if getattr(ctx.model, "needs_labels", False):
+    if ctx.model.conditional:
         raise SkippedError("conditional model: sample() needs labels; evaluate class-conditional samples separately")
     try:
         ext = load_extractor(name, ctx.config.extractor_path)
@@ -196,8 +188,8 @@ def _part_mig(ctx: _Context) -> dict[str, Any]:
 
     if ctx.dataset.name != "dsprites":
         raise SkippedError(f"MIG needs ground-truth factors; vaekit has them for dsprites, not {ctx.dataset.name!r}")
-    if not callable(getattr(ctx.model, "encode", None)):
-        raise SkippedError(f"{type(ctx.model).__name__} has no encode()")
+    if ctx.model.discrete_latent:
+        raise SkippedError(f"{type(ctx.model).__name__} has a discrete latent; MIG needs continuous codes (B, D)")
     c = ctx.config
     return dsprites_mig(ctx.model, n_histogram=c.mig_histogram_images, n_sampling=c.mig_sampling_images, seed=c.seed)
 
@@ -207,13 +199,13 @@ def _part_images(ctx: _Context) -> dict[str, Any]:
     files: dict[str, str] = {}
     notes: dict[str, str] = {}
     seed = ctx.config.seed
-    if getattr(model, "needs_labels", False):
+    if model.conditional:
         notes["samples"] = "conditional model: unconditional samples not drawn"
     else:
         files["samples"] = save_grid(_samples(model, 64, seed), out / "samples.png", nrow=8).name
     x = ctx.first_test_images(32)
     files["reconstructions"] = save_grid(reconstruction_rows(model, x, 8), out / "reconstructions.png", nrow=8).name
-    if callable(getattr(model, "encode", None)) and not getattr(model, "needs_labels", False):
+    if not model.discrete_latent and not model.conditional:
         pairs = ctx.first_test_images(16)
         with torch.random.fork_rng():
             torch.manual_seed(seed)
@@ -244,12 +236,13 @@ def evaluate_model(
     binarize: str = "none",
     name: str = "",
     progress: bool = False,
+    stem: str = "report",
 ) -> dict[str, Any]:
     """Run ``config.metrics`` on ``model`` over ``dataset``'s test split; write the report into ``out_dir``.
 
     ``binarize`` is how test images are served (``none``, or ``dynamic``/``static``, which both
     mean one fixed Bernoulli draw from ``config.seed``): use the model's training setting.
-    Returns the report dictionary (also written to ``out_dir/report.json``).
+    Returns the report dictionary (also written to ``out_dir/<stem>.json`` and ``<stem>.md``).
     """
     config = config or EvalConfig()
     if not isinstance(dataset, ImageDataset):
@@ -274,14 +267,14 @@ def evaluate_model(
         if progress:
             print(f"  {part}: {timings[part]:.1f} s", flush=True)
     report = {
-        "model": name or type(model).__name__, "family": getattr(model, "family", ""),
+        "model": name or type(model).__name__, "family": model.family,
         "dataset": dataset.name, "dataset_provenance": dataset.provenance, "split": "test", "binarize": binarize,
         "config": asdict(config), "metrics": ctx.results, "timings_s": timings,
         "machine": {"python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads(),
                     "cpu_count": os.cpu_count(), "device": str(model.device)},
     }
-    atomic_write_bytes(out / "report.json", (json.dumps(report, indent=2) + "\n").encode())
-    atomic_write_bytes(out / "report.md", render_markdown(report).encode())
+    atomic_write_bytes(out / f"{stem}.json", (json.dumps(report, indent=2) + "\n").encode())
+    atomic_write_bytes(out / f"{stem}.md", render_markdown(report).encode())
     return report
 
 
