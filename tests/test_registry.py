@@ -26,6 +26,7 @@ from vaekit.artifact import verify_artifact
 from vaekit.errors import ArtifactError, ArtifactIntegrityError, InputError, RegistryError, RegistryLookupError
 from vaekit.registry import ModelRegistry, Ref, parse_ref
 from vaekit.registry import schema as S
+from vaekit.registry.profile import read_profile
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -115,12 +116,34 @@ def test_register_a_run_keeps_its_lineage(reg, tiny_run, mnist):
     assert v.metrics == json.loads((tiny_run / "model" / "metrics.json").read_text())
     assert v.created_by == "tester@ci" and v.created_at.endswith("Z") and v.vaekit_version
     assert v.description == "first try" and v.parent is None
-    # the stored copy is complete and content-addressed; the model loads from it
-    assert v.artifact_path.is_dir() and v.artifact_hash == verify_artifact(tiny_run / "model").digest
+    # the stored copy is the run's model plus a reference profile on the run's 200 held-out images
+    assert v.artifact_hash == verify_artifact(v.artifact_path).digest != verify_artifact(tiny_run / "model").digest
+    assert v.profile_data == f"data.validation of {tiny_run} (200 images)"
+    prof = read_profile(v.artifact_path)
+    assert prof.info["source"] == v.profile_data and prof.arrays["ref_means"].shape == (200, 2)
     x = rand_images(4)
     from vaekit import load_model
 
     assert torch.equal(reg.load("mnist-vae").reconstruct(x), load_model(tiny_run / "model").reconstruct(x))
+
+
+def test_the_profile_is_on_held_out_images_never_the_training_set(reg, models, tiny_run, mnist):
+    plain = reg.register(models[0], "bare")  # no data settings, no images given: no profile
+    assert plain.profile_data is None and plain.artifact_hash == verify_artifact(models[0]).digest
+    v = reg.register(models[0], "bare", profile_data="mnist:test")
+    prof = read_profile(v.artifact_path)
+    assert v.profile_data == "mnist:test (10000 images)" and prof.info["n"] == 10000
+    with pytest.raises(InputError, match="'mnist:train': the training split is what the model was fitted on"):
+        reg.register(models[0], "bare", profile_data="mnist:train")
+    with pytest.raises(InputError, match="needs a run trained with data.validation > 0"):
+        reg.register(models[0], "bare", profile_data="validation")
+    with pytest.raises(InputError, match="DATASET one of"):
+        reg.register(models[0], "bare", profile_data="cifar:test")
+    x = rand_images(8, seed=3)
+    v = reg.register(models[0], "bare", profile_images=x, profile_data="8 synthetic images")
+    assert read_profile(v.artifact_path).info["source"] == "8 synthetic images"
+    assert reg.register(tiny_run, "run", profile=False).profile_data is None
+    assert [e.version for e in reg.versions("bare")] == [3, 2, 1]  # the refused ones left nothing
 
 
 def test_fine_tune_parent_tags_and_search(reg, models):
@@ -286,8 +309,6 @@ def test_a_version_an_alias_points_at_cannot_be_deleted(reg, models):
 
 def test_a_newer_schema_is_refused(db_uri, art_root, models):
     from sqlalchemy import update
-
-    from vaekit.registry import schema as S
 
     with ModelRegistry(db_uri, artifact_root=art_root) as r:
         r.register(models[0], "m")
@@ -525,9 +546,12 @@ def test_cli_register_alias_rollback_history_verify(db_uri, art_root, tiny_run, 
     code, out, _ = run("register", str(tiny_run), "--name", "mnist-vae", "--alias", "production",
                        "--reason", "first", "--tag", "team=vision")
     assert code == 0 and "registered mnist-vae/1 (@production)" in out and "team=vision" in out
+    assert f"reference profile  data.validation of {tiny_run} (200 images)" in out
     code, out, _ = run("register", str(models[0]), "--name", "mnist-vae", "--json")
     v2 = json.loads(out)
-    assert code == 0 and v2["ref"] == "mnist-vae/2" and v2["aliases"] == []
+    assert code == 0 and v2["ref"] == "mnist-vae/2" and v2["aliases"] == [] and v2["profile_data"] is None
+    code, _, err = run("register", str(models[0]), "--name", "mnist-vae", "--profile-data", "mnist:train")
+    assert code == 2 and "the training split is what the model was fitted on" in err
     code, out, _ = run("show", "mnist-vae/1", "--json")
     shown = json.loads(out)
     assert shown["run_dir"] == str(tiny_run.resolve()) and shown["run_config"]["data"]["validation"] == 200

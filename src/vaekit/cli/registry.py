@@ -34,6 +34,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--parent", metavar="REF", help="the version this one was fine-tuned from (NAME/V, NAME@ALIAS)")
     r.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE", help="a tag (repeatable)")
     r.add_argument("--description", help="a free-text description")
+    r.add_argument("--profile-data", metavar="SPEC",
+                   help="held-out images for the monitoring reference profile: 'validation' (the run's "
+                        "data.validation hold-out, the default when the run has one) or 'DATASET:test' "
+                        "(e.g. mnist:test); never a training split")
+    r.add_argument("--no-profile", action="store_true", help="register without a reference profile")
     r.set_defaults(func=register)
 
     ls = verbs.add_parser("list", parents=[common], help="registered models, or the versions of one")
@@ -105,6 +110,7 @@ def _describe(v: Version) -> str:
         ("artifact", v.artifact_path), ("artifact sha256", v.artifact_hash), ("source", v.source),
         ("run", v.run_dir), ("run config sha256", v.run_config_hash), ("data fingerprint", v.data_fingerprint),
         ("parent", v.parent), ("description", v.description),
+        ("reference profile", v.profile_data or "none (no held-out images given)"),
         ("tags", ", ".join(f"{k}={t}" for k, t in sorted(v.tags.items())) or "-"),
     ]
     if v.data:
@@ -133,7 +139,8 @@ def _tags(items: list[str]) -> dict[str, str]:
 def register(args: argparse.Namespace) -> int:
     with _open(args) as reg:
         v = reg.register(args.source, args.name, alias=args.alias, reason=args.reason, parent=args.parent,
-                         tags=_tags(args.tag), description=args.description)
+                         tags=_tags(args.tag), description=args.description, profile=not args.no_profile,
+                         profile_data=args.profile_data)
     where = f" ({', '.join(f'@{a}' for a in v.aliases)})" if v.aliases else ""
     _emit(args, v.to_dict(), f"registered {v.ref}{where}\n{_describe(v)}")
     return 0

@@ -27,7 +27,8 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from vaekit.db import make_engine, reader, run_with_retry, sqlite_path
 from vaekit.errors import DataError, InputError, RegistryError, RegistryLookupError, describe
 from vaekit.registry import schema as S
-from vaekit.registry.lineage import canonical_hash, data_fingerprint, read_source, training_examples
+from vaekit.registry.lineage import canonical_hash, read_source, training_examples
+from vaekit.registry.lineage import data_fingerprint as fingerprint_examples
 from vaekit.registry.refs import Ref, check_alias, check_name, check_version, parse_ref
 from vaekit.registry.store import ArtifactStore
 
@@ -405,7 +406,8 @@ class ModelRegistry:
     def register(self, source: str | os.PathLike, name: str, *, alias: str | None = None, reason: str | None = None,
                  parent: str | Ref | None = None, tags: Mapping[str, str] | None = None,
                  description: str | None = None, metrics: Mapping[str, Any] | None = None,
-                 data_fingerprint: str | None = None, actor: str | None = None) -> Version:
+                 data_fingerprint: str | None = None, profile: bool = True, profile_data: str | None = None,
+                 profile_images: Any = None, profile_labels: Any = None, actor: str | None = None) -> Version:
         """Register the model at ``source`` (a run folder or a model folder) as the next version of ``name``.
 
         The artifact is copied into the registry's artifact folder under its content hash (reused when the same
@@ -415,6 +417,13 @@ class ModelRegistry:
         dataset can be loaded; or ``data_fingerprint`` given here), ``parent`` (a reference to the version this one
         was fine-tuned from), the evaluation ``metrics`` (default: the model's ``metrics.json``), vaekit's version,
         ``actor`` and the time. Returns the new :class:`Version`.
+
+        The monitoring reference profile (:mod:`vaekit.registry.profile`) is computed on held-out images and
+        stored in the registered artifact: ``profile_images`` (float (N, C, H, W) in [0, 1], with
+        ``profile_labels`` for conditional models) when given, else ``profile_data`` (``"validation"``: the
+        run's ``data.validation`` hold-out; ``"DATASET:test"``: a test split), else the run's hold-out when it
+        has one. Never the training set: without held-out images (or with ``profile=False``) the version has
+        no profile (``profile_data`` None).
         """
         from vaekit import __version__
 
@@ -431,16 +440,34 @@ class ModelRegistry:
             raise InputError(f"data_fingerprint must be a string, got {describe(data_fingerprint)}")
         src = read_source(source)
         metrics_doc = _check_json(dict(metrics), "metrics") if metrics is not None else src.metrics
-        fingerprint = data_fingerprint or self._fingerprint(src.data)
+        loaded: list[Any] = []
+
+        def examples() -> Any:  # the dataset is loaded at most once, for the fingerprint and the hold-out
+            if not loaded:
+                loaded.append(training_examples(src.data))
+            return loaded[0]
+
+        fingerprint = data_fingerprint or self._fingerprint(src.data, examples)
         actor = actor or self.actor
-        stored = self.store.put(src.model_dir)
+        if not profile and (profile_data is not None or profile_images is not None):
+            raise InputError("profile=False contradicts profile_data / profile_images; pass one or the other")
+        held = self._held_out(src, profile_data, profile_images, profile_labels, examples) if profile else None
+        if held is None:
+            stored, profile_source = self.store.put(src.model_dir), None
+        else:
+            from vaekit.models.base import load_model
+            from vaekit.registry.profile import attach_profile, compute_profile
+
+            images, labels, profile_source = held
+            prof = compute_profile(load_model(src.model_dir), images, labels, source=profile_source)
+            stored = self.store.put(src.model_dir, build=lambda s, d: attach_profile(s, prof, dst=d))
         row = dict(
             name=name, artifact_hash=stored.hash, artifact_path=stored.relpath, family=src.family,
             description=description, source=str(Path(source).resolve()),
             run_dir=str(src.run_dir.resolve()) if src.run_dir else None,
             run_config=_json_safe(src.run_config), run_config_hash=canonical_hash(_json_safe(src.run_config))
             if src.run_config is not None else None, data_fingerprint=fingerprint, data=_json_safe(src.data),
-            metrics=_json_safe(metrics_doc), profile_data=None, vaekit_version=__version__, created_by=actor)
+            metrics=_json_safe(metrics_doc), profile_data=profile_source, vaekit_version=__version__, created_by=actor)
 
         def insert_version() -> int:
             with self.engine.begin() as conn:
@@ -464,15 +491,34 @@ class ModelRegistry:
         number = run_with_retry(insert_version, attempts=50)
         return self.get(Ref(name, version=number))
 
-    def _fingerprint(self, data: dict[str, Any] | None) -> str | None:
+    @staticmethod
+    def _held_out(src: Any, profile_data: str | None, images: Any, labels: Any,
+                  examples: Any) -> tuple[Any, Any, str] | None:
+        """(images, labels, description) to profile on, or None when there are no held-out images."""
+        from vaekit.registry.lineage import held_out_images
+
+        if images is not None:
+            return images, labels, profile_data or "images passed to register"
+        if profile_data is not None:
+            return held_out_images(profile_data, src.data, src.run_dir, examples)
+        if src.data and src.data.get("validation"):
+            try:
+                return held_out_images("validation", src.data, src.run_dir, examples)
+            except DataError as exc:  # asked for nothing explicitly: register without a profile, loudly
+                warnings.warn(f"no reference profile: the run's validation images could not be loaded ({exc})",
+                              stacklevel=4)
+        return None
+
+    @staticmethod
+    def _fingerprint(data: dict[str, Any] | None, examples: Any) -> str | None:
         if not data:
             return None
         try:
-            _, train, _ = training_examples(data)
+            _, train, _ = examples()
         except DataError as exc:
             warnings.warn(f"no training-data fingerprint: the dataset could not be loaded ({exc})", stacklevel=3)
             return None
-        return data_fingerprint(data, train)
+        return fingerprint_examples(data, train)
 
     @staticmethod
     def _check_tags(tags: Mapping[str, Any] | None) -> dict[str, str]:

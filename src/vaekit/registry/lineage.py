@@ -98,3 +98,38 @@ def data_fingerprint(data: dict[str, Any], train) -> str:
     h.update(train.images.contiguous().numpy().tobytes())
     h.update(train.labels.contiguous().numpy().tobytes())
     return h.hexdigest()
+
+
+def held_out_images(spec: str, data: dict[str, Any] | None, run_dir: Path | None, examples=None):
+    """(images (N, C, H, W) float in [0, 1], labels (N,), description) of the held-out split ``spec`` names.
+
+    ``spec`` is ``"validation"`` (the run's ``data.validation`` hold-out, drawn exactly as the trainer drew it) or
+    ``"DATASET:test"`` (a dataset's test split). A training split is refused: a reference profile describes
+    images the model was not fitted on. ``examples`` (optional) returns :func:`training_examples` of ``data``
+    already loaded.
+    """
+    from vaekit.data import LOADERS, load_dataset
+    from vaekit.data.dataset import to_unit_float
+
+    if not isinstance(spec, str) or not spec:
+        raise InputError(f"profile_data must be 'validation' or 'DATASET:test', got {describe(spec)}")
+    if spec == "validation":
+        if not data or not data.get("validation"):
+            raise InputError("profile_data 'validation' needs a run trained with data.validation > 0 (held-out "
+                             "training images); this source has none: pass profile_data='DATASET:test'")
+        _, _, split = examples() if examples is not None else training_examples(data)
+        where = f"data.validation of {run_dir}" if run_dir else "data.validation"
+    else:
+        dataset, sep, split_name = spec.partition(":")
+        if not sep or dataset not in LOADERS:
+            raise InputError(f"profile_data must be 'validation' or 'DATASET:test' with DATASET one of "
+                             f"{sorted(LOADERS)}, got {spec!r}")
+        if split_name != "test":
+            what = ("the training split is what the model was fitted on; a reference profile needs held-out "
+                    "images" if split_name == "train" else f"unknown split {split_name!r}")
+            raise InputError(f"profile_data {spec!r}: {what}; use '{dataset}:test' or 'validation'")
+        d = data or {}
+        ds = load_dataset(dataset, data_dir=d.get("data_dir") if d.get("dataset") == dataset else None)
+        split, where = ds.test, spec
+    assert split is not None
+    return to_unit_float(split.images), split.labels, f"{where} ({len(split)} images)"
