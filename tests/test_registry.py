@@ -327,8 +327,16 @@ def test_artifact_root_is_a_setting(db_uri, tmp_path, models, monkeypatch):
         with ModelRegistry(db_uri) as r:  # beside the database file
             assert r.store.root == Path(db_uri.removeprefix("sqlite:///")).parent / "artifacts"
         return
-    with pytest.raises(RegistryError, match="has no artifact folder: pass artifact_root="):
+    with pytest.raises(RegistryError, match="has no artifact folder recorded: pass artifact_root="):
         ModelRegistry(db_uri)
+    from sqlalchemy import inspect
+
+    from vaekit.db import make_engine
+
+    engine = make_engine(db_uri)
+    with engine.connect() as conn:
+        assert inspect(conn).get_table_names() == []  # refused before anything was created
+    engine.dispose()
     with ModelRegistry(db_uri, artifact_root=tmp_path / "shared") as r:
         v = r.register(models[0], "m")
     with ModelRegistry(db_uri) as r:  # a second machine: the root recorded at creation

@@ -62,6 +62,11 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
+def _one_line(exc: object) -> str:
+    """A driver's (often multi-line) message on one line, for the CLI's one-line errors."""
+    return " ".join(str(exc).split())
+
+
 def _check_reason(reason: Any, what: str = "reason") -> str:
     if not isinstance(reason, str) or not reason.strip():
         raise InputError(f"{what} must be a non-empty string saying why (it is kept in the alias history), "
@@ -168,11 +173,18 @@ class ModelRegistry:
         self.engine = make_engine(self.uri)
         self._read = reader(self.engine)  # reads never wait for a SQLite writer
         self.actor = actor or default_actor()
+        # the artifact folder first: a PostgreSQL registry without one is refused before any table is created
+        root = self._artifact_root(artifact_root)
         self._init_schema(artifact_root)
-        self.store = ArtifactStore(self._artifact_root(artifact_root))
+        self.store = ArtifactStore(root)
+
+    @property
+    def _shown(self) -> str:
+        """The URL without its password, for messages."""
+        return self.engine.url.render_as_string(hide_password=True)
 
     def __repr__(self) -> str:
-        return f"ModelRegistry({self.engine.url.render_as_string(hide_password=True)!r})"
+        return f"ModelRegistry({self._shown!r})"
 
     def close(self) -> None:
         self.engine.dispose()
@@ -229,7 +241,7 @@ class ModelRegistry:
             # two processes creating the tables at once: one loses the race (duplicate table) and retries
             run_with_retry(init, attempts=6, retryable=lambda e: isinstance(e, DBAPIError))
         except OperationalError as exc:
-            raise RegistryError(f"cannot open the registry at {shown}: {exc.orig}") from None
+            raise RegistryError(f"cannot open the registry at {shown}: {_one_line(exc.orig)}") from None
 
     @property
     def _is_sqlite(self) -> bool:
@@ -240,17 +252,23 @@ class ModelRegistry:
             return Path(artifact_root).resolve()
         if os.environ.get(ENV_ARTIFACTS):
             return Path(os.environ[ENV_ARTIFACTS]).resolve()
-        with self._read.connect() as conn:
-            stored = conn.execute(select(S.settings.c.value).where(S.settings.c.key == "artifact_root"))
-            stored = stored.scalar_one_or_none()
+        stored = None
+        if sqlite_path(self.engine.url) is None:
+            try:
+                with self._read.connect() as conn:
+                    if inspect(conn).has_table(S.settings.name):
+                        stored = conn.execute(select(S.settings.c.value).where(
+                            S.settings.c.key == "artifact_root")).scalar_one_or_none()
+            except OperationalError as exc:
+                raise RegistryError(f"cannot open the registry at {self._shown}: {_one_line(exc.orig)}") from None
         if stored:
             return Path(stored)
         db = sqlite_path(self.engine.url)
         if db is not None:
             return db.resolve().parent / "artifacts"
-        raise RegistryError(f"the PostgreSQL registry at {self.engine.url.render_as_string(hide_password=True)} "
-                            f"has no artifact folder: pass artifact_root= (or set ${ENV_ARTIFACTS}) to a folder "
-                            "every machine using the registry sees")
+        raise RegistryError(f"the PostgreSQL registry at {self._shown} has no artifact folder recorded: pass "
+                            f"artifact_root= (CLI: --artifacts) or set ${ENV_ARTIFACTS} to a folder every machine "
+                            "using the registry sees")
 
     # ---- reading --------------------------------------------------------------------------------------------
 
