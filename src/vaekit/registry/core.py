@@ -456,6 +456,8 @@ class ModelRegistry:
             raise InputError(f"description must be a string, got {describe(description)}")
         if data_fingerprint is not None and not isinstance(data_fingerprint, str):
             raise InputError(f"data_fingerprint must be a string, got {describe(data_fingerprint)}")
+        if parent_ref is not None:
+            self.get(parent_ref)  # a wrong parent fails before anything is copied (and again in the transaction)
         src = read_source(source)
         metrics_doc = _check_json(dict(metrics), "metrics") if metrics is not None else src.metrics
         loaded: list[Any] = []
