@@ -33,3 +33,32 @@ def test_atomic_folder_failure_keeps_the_old_folder(tmp_path):
         raise RuntimeError("disk full")
     assert (target / "x.txt").read_text() == "old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_a_full_disk_is_a_storage_error_and_leaves_the_old_file(tmp_path):
+    """A real 64 KiB tmpfs (root only): the old file stays whole, no temp file is left."""
+    import errno
+    import os
+    import subprocess
+
+    from vaekit.errors import StorageError
+
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    fs = tmp_path / "fs"
+    fs.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(fs)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        atomic_write_bytes(fs / "a.bin", b"old")
+        with pytest.raises(StorageError) as exc:
+            atomic_write_bytes(fs / "a.bin", b"x" * (1 << 20), what="write checkpoint")
+        assert exc.value.errno == errno.ENOSPC and isinstance(exc.value, OSError)
+        assert str(exc.value).startswith(f"no space left on device: cannot write checkpoint {fs / 'a.bin'}")
+        assert (fs / "a.bin").read_bytes() == b"old"
+        assert sorted(p.name for p in fs.iterdir()) == ["a.bin"]
+        with pytest.raises(StorageError, match="^no space left on device"), atomic_folder(fs / "m") as tmp:
+            (tmp / "w.bin").write_bytes(b"x" * (1 << 20))
+        assert sorted(p.name for p in fs.iterdir()) == ["a.bin"]
+    finally:
+        subprocess.run(["umount", "-l", str(fs)], check=False)

@@ -179,3 +179,7 @@ def test_bad_inputs_are_refused(held_out):
     vae.train()
     _profile(vae, held_out)
     assert vae.training  # the caller's mode is restored
+    with torch.no_grad():
+        list(vae.parameters())[-1][0] = float("nan")  # one poisoned weight
+    with pytest.raises(InputError, match="non-finite [a-z_]+ for 200 of the 200 held-out"):
+        compute_profile(vae, x)

@@ -99,3 +99,38 @@ def test_cli_evaluate_exit_code_and_output_place(tmp_path, capsys, mnist):
     assert main(["evaluate", str(model_dir), "--metrics", "elbo", "-o", str(tmp_path / "x.txt")]) == 2
     assert "-o must name a .json file" in capsys.readouterr().err
     assert sorted(p.name for p in model_dir.iterdir()) == before
+
+
+def test_every_part_carries_its_own_keys(small, tmp_path):
+    """The CLI, the Markdown and the benchmarks ask the part: its headline keys exist in its result, each with
+    a direction, and it renders and summarises itself."""
+    from vaekit.evaluation.parts import PARTS
+    from vaekit.evaluation.report import render_markdown, summary_rows
+
+    torch.manual_seed(0)
+    model = VAE(VAEConfig(latent_dim=3, hidden_sizes=(16,)))
+    cfg = EvalConfig(metrics=("elbo", "latent", "nll", "recon", "mig", "images"), k=5, nll_examples=20,
+                     batch_size=100, traversal_dims=2)
+    rep = evaluate_model(model, small, tmp_path, cfg)
+    ran = [n for n, r in rep["metrics"].items() if "skipped" not in r]
+    assert ran == ["elbo", "latent", "nll", "recon", "images"] and "mig" not in ran
+    md = render_markdown(rep)
+    for name in ran:
+        part, r = PARTS[name], rep["metrics"][name]
+        assert set(part.better.values()) <= {"lower", "higher"}
+        assert set(part.headline(r)) == set(part.better)  # every declared headline is in the result
+        assert part.summary(r) and f"## {part.title}" in md
+    labels = [label for label, _ in summary_rows(rep)]
+    assert labels[0] == "mig" and "-ELBO" in labels and "MSE" in labels
+
+
+def test_cli_evaluate_checks_its_output_path_before_evaluating(tmp_path, capsys, mnist):
+    torch.manual_seed(0)
+    VAE(VAEConfig(latent_dim=2, hidden_sizes=(16,))).save(tmp_path / "m")
+    (tmp_path / "afile").write_text("x")
+    for argv, match in (([ "-o", str(tmp_path)], "is a directory"),
+                        (["-o", str(tmp_path / "afile" / "r.json")], "not a directory"),
+                        (["--metrics", "elbo", "--report-dir", str(tmp_path / "afile")], "not a directory")):
+        assert main(["evaluate", str(tmp_path / "m"), *argv]) == 2
+        captured = capsys.readouterr()
+        assert match in captured.err and "evaluating" not in captured.out  # refused before any work

@@ -29,6 +29,7 @@ them; :func:`upgrade_legacy` rewrites one in the current format.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -309,7 +310,7 @@ class Artifact:
 
     def read_tensors(self, name: str, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
         """The safetensors file ``name`` (verified first) as tensors on ``device``."""
-        dev = check_device(device)
+        dev = check_device(device, "device")
         data = self.read_bytes(name)
         try:
             tensors = load_safetensors(data)
@@ -569,8 +570,13 @@ def check_device(device: Any, name: str = "map_location") -> torch.device:
     raise ModelFormatError(f"{name} {describe(device)} is not available here; use 'cpu' or a CUDA device")
 
 
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)  # compiles string annotations each call: once per class is enough
+
+
 def _missing_fields(cls: type, data: dict[str, Any], prefix: str) -> list[str]:
-    hints = typing.get_type_hints(cls)
+    hints = _hints(cls)
     missing = []
     for f in dataclasses.fields(cls):
         if f.name not in data:

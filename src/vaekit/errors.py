@@ -84,6 +84,30 @@ class TrainingDivergedError(VaekitError, FloatingPointError):
         super().__init__(f"non-finite loss at step {step} ({terms}); training stopped; {where}")
 
 
+class RunLockedError(CheckpointError):
+    """Another live process is training into the same run folder (it holds the folder's lock)."""
+
+    def __init__(self, run_dir: str, holder: dict[str, Any]):
+        self.run_dir, self.holder = run_dir, holder
+        who = ", ".join(f"{k} {holder[k]}" for k in ("pid", "host", "started", "command") if holder.get(k))
+        super().__init__(f"{run_dir} is being trained by another process ({who or 'holder unknown'}); "
+                         f"wait for it to finish, stop it, or train into another folder (--set name=...)")
+
+
+class StorageError(VaekitError, OSError):
+    """A file or folder could not be written (no space left, read-only, permission denied, not a folder).
+
+    ``errno`` and ``filename`` are those of the OS error; the message starts with the OS reason."""
+
+    def __init__(self, message: str, errno: int | None = None, filename: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.errno, self.filename = errno, filename
+
+    def __str__(self) -> str:  # OSError's own would print "[Errno N] strerror: filename"
+        return self.message
+
+
 def describe(value: Any) -> str:
     """Short repr of a user value for error messages (long values are cut)."""
     text = repr(value)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from vaekit.cli.common import data_for, open_model, print_table, write_json
+from vaekit.cli.common import check_output_path, data_for, open_model, print_table, write_json
 from vaekit.data.dataset import eval_loader
 from vaekit.errors import InputError
 from vaekit.evaluation.elbo import evaluate_elbo
@@ -48,6 +48,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
+    # a bad output path fails here, before minutes of evaluation
+    if args.out:
+        check_output_path(args.out)
+    if args.report_dir:
+        check_output_path(Path(args.report_dir) / "report.json", option="--report-dir")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, meta, run_dir = open_model(args.model, device)
     ds, data_cfg = data_for(meta, args.dataset, args.data_dir)
@@ -74,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def run_report(args: argparse.Namespace, model, ds, data_cfg: dict, run_dir: Path | None) -> int:
-    from vaekit.evaluation.report import EvalConfig, evaluate_model
+    from vaekit.evaluation.report import EvalConfig, evaluate_model, summary_rows
 
     metrics = tuple(m.strip() for m in args.metrics.split(",") if m.strip())
     config = EvalConfig(metrics=metrics, k=args.k, nll_examples=args.nll_examples, fid_samples=args.fid_samples,
@@ -85,24 +90,9 @@ def run_report(args: argparse.Namespace, model, ds, data_cfg: dict, run_dir: Pat
     print(f"evaluating {args.model} on {ds.name} (test split, binarize={binarize}): {', '.join(config.metrics)}")
     report = evaluate_model(model, ds, out, config, binarize=binarize, name=str(args.model), progress=True,
                             stem=stem)
-    rows = []
     m = report["metrics"]
     skipped = {part: res["skipped"] for part, res in m.items() if "skipped" in res}
-    rows += [(part, f"skipped: {why}") for part, why in skipped.items()]
-    if "neg_elbo" in m.get("elbo", {}):
-        rows += [("-ELBO", m["elbo"]["neg_elbo"]), ("KL", m["elbo"]["kl"])]
-    if "nll" in m.get("nll", {}):
-        rows += [(f"NLL (k={m['nll']['k']})", f"{m['nll']['nll']:.3f} +- {m['nll']['nll_stderr']:.3f} nats, "
-                  f"{m['nll']['bits_per_dim']:.4f} bits/dim")]
-    if "active_units" in m.get("latent", {}):
-        rows += [("active units", m["latent"]["active_units"]), ("I(x; z)", m["latent"]["mutual_information"])]
-    if "mse" in m.get("recon", {}):
-        rows += [("MSE", m["recon"]["mse"]), ("SSIM", m["recon"]["ssim"])]
-    if "fid" in m.get("fid", {}):
-        rows += [("FID", m["fid"]["fid"]), ("FID floor (train vs test)", m["fid"]["fid_floor_train_vs_test"])]
-    for est in ("histogram", "sampling"):
-        if est in m.get("mig", {}):
-            rows.append((f"MIG ({est} estimator)", m["mig"][est][f"mig_{est}"]))
+    rows = summary_rows(report)
     print_table(rows, "results (nats per example)")
     print(f"wrote {out / (stem + '.json')} and {out / (stem + '.md')}")
     if len(skipped) == len(m):  # nothing asked for could run: a script must not read this as success

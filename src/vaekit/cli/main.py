@@ -33,6 +33,10 @@ def main(argv: list[str] | None = None) -> int:
     except VaekitError as exc:
         print(f"vaekit {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # a path the OS refused, not caught closer to where it happened: one line
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"vaekit {args.command}: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"vaekit {args.command}: interrupted", file=sys.stderr)
         return 130

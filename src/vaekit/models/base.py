@@ -18,7 +18,14 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from vaekit.artifact import Artifact, config_from_artifact, load_module_state, read_artifact, write_artifact
+from vaekit.artifact import (
+    Artifact,
+    check_device,
+    config_from_artifact,
+    load_module_state,
+    read_artifact,
+    write_artifact,
+)
 from vaekit.config import from_dict, to_dict
 from vaekit.errors import ConfigError, InputError, ModelFormatError, describe
 from vaekit.nn.distributions import BernoulliLikelihood, DiagonalGaussian, GaussianLikelihood
@@ -356,6 +363,7 @@ def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu"
     (a changed byte, a missing field or file, a truncated or wrong-size weights file, a device that
     does not exist here) raises ModelFormatError (or a subclass) naming the file and the problem.
     """
+    device = check_device(map_location)  # before reading or building anything
     art = read_model_artifact(path)
     model = build_model(model_config_from_artifact(art))
-    return load_module_state(model, art, map_location).eval()
+    return load_module_state(model, art, device).eval()
