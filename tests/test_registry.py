@@ -78,6 +78,46 @@ def test_bad_references_raise_one_clear_error(bad, needle):
         assert "NAME/VERSION" in str(info.value) and repr(bad) in str(info.value)
 
 
+# ---- the SQL layer ---------------------------------------------------------------------------------------------
+
+def test_sqlite_engines_use_wal_a_busy_timeout_and_immediate_transactions(tmp_path):
+    from sqlalchemy import event, text
+
+    from vaekit.db import make_engine, reader
+
+    engine = make_engine(f"sqlite:///{tmp_path / 'sub' / 'x.db'}", busy_timeout_s=7)
+    statements: list[str] = []
+    event.listen(engine, "before_cursor_execute", lambda *a: statements.append(a[2]))
+    with engine.begin() as conn:
+        assert conn.execute(text("PRAGMA journal_mode")).scalar() == "wal"
+        assert conn.execute(text("PRAGMA busy_timeout")).scalar() == 7000
+        assert conn.execute(text("PRAGMA foreign_keys")).scalar() == 1
+    with reader(engine).connect() as conn:
+        conn.execute(text("select 1"))
+    assert [q for q in statements if q.startswith("BEGIN")] == ["BEGIN IMMEDIATE", "BEGIN"]
+    engine.dispose()
+
+
+@pytest.mark.parametrize("uri, driver", [("postgresql://u@h/db", "postgresql+psycopg"),
+                                         ("postgres://u@h/db", "postgresql+psycopg"),
+                                         ("postgresql+psycopg://u@h/db", "postgresql+psycopg"),
+                                         ("sqlite:///x.db", "sqlite+pysqlite")])
+def test_uris_map_to_one_driver_per_backend(uri, driver):
+    from vaekit.db import parse_uri
+
+    assert parse_uri(uri).drivername == driver
+
+
+@pytest.mark.parametrize("uri, needle", [("postgresql+asyncpg://u@h/db", "vaekit uses psycopg 3"),
+                                         ("sqlite://", "needs a file"), ("mysql://u@h/db", "has the scheme"),
+                                         ("not a uri", "is not a database URI"), ("", "uri must be")])
+def test_bad_uris_say_what_is_allowed(uri, needle):
+    from vaekit.db import parse_uri
+
+    with pytest.raises(InputError, match=needle):
+        parse_uri(uri)
+
+
 # ---- registering, lineage, loading -----------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
