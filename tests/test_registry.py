@@ -120,26 +120,45 @@ def test_bad_uris_say_what_is_allowed(uri, needle):
 
 # ---- registering, lineage, loading -----------------------------------------------------------------------------
 
+TINY_RUN = ["name=tiny", "model.hidden_sizes=[16]", "model.latent_dim=2", "data.train_subset=1000",
+            "data.validation=200", "train.epochs=1", "train.batch_size=100", "train.progress=false",
+            "train.device=cpu", "monitor.enabled=false"]
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory, mnist_small):
     """A real (short) training run with a validation hold-out."""
     from vaekit.training import load_run_config, train
 
     out = tmp_path_factory.mktemp("runs")
-    cfg = load_run_config(None, [f"out_dir={out}", "name=tiny", "model.hidden_sizes=[16]", "model.latent_dim=2",
-                                 "data.train_subset=1000", "data.validation=200", "train.epochs=1",
-                                 "train.batch_size=100", "train.progress=false", "train.device=cpu",
-                                 "monitor.enabled=false"])
     torch.manual_seed(0)
-    train(cfg, dataset=mnist_small)
+    train(load_run_config(None, [f"out_dir={out}", *TINY_RUN]), dataset=mnist_small)
     return out / "tiny"
+
+
+def test_a_run_whose_config_changed_mid_run_keeps_every_revision(reg, tiny_run, mnist_small, tmp_path):
+    import shutil
+
+    from vaekit.training import load_run_config, train
+
+    shutil.copytree(tiny_run, tmp_path / "tiny")
+    # resumed for a second epoch with a smaller batch: a second config revision
+    train(load_run_config(None, [f"out_dir={tmp_path}", *TINY_RUN, "train.epochs=2", "train.batch_size=50"]),
+          dataset=mnist_small)
+    v = reg.register(tmp_path / "tiny", "resumed", profile=False)
+    assert v.run_config["train"]["batch_size"] == 50
+    assert [r["config"]["train"]["batch_size"] for r in v.run_config_revisions] == [100, 50]
+    assert v.run_config_hash == hashlib.sha256(json.dumps(v.run_config, sort_keys=True,
+                                                          separators=(",", ":")).encode()).hexdigest()
+    assert reg.get("resumed").run_config_revisions[1]["from_step"] > 0
 
 
 def test_register_a_run_keeps_its_lineage(reg, tiny_run, mnist):
     v = reg.register(tiny_run, "mnist-vae", description="first try")
     assert (v.name, v.version, v.ref, v.family) == ("mnist-vae", 1, "mnist-vae/1", "vae")
     run_config = yaml.safe_load((tiny_run / "config.yaml").read_text())
-    assert v.run_config == run_config and v.run_dir == str(tiny_run.resolve())
+    assert v.run_config == run_config == json.loads((tiny_run / "config.json").read_text())
+    assert v.run_dir == str(tiny_run.resolve()) and v.run_config_revisions is None  # one config all along
     # the hash of the resolved config, computed independently
     expect = hashlib.sha256(json.dumps(run_config, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
     assert v.run_config_hash == expect

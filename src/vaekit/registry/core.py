@@ -102,6 +102,7 @@ class Version:
     run_dir: str | None = None
     run_config: dict[str, Any] | None = None
     run_config_hash: str | None = None
+    run_config_revisions: list[dict[str, Any]] | None = None  # when the run's config changed mid-run
     data_fingerprint: str | None = None
     data: dict[str, Any] | None = None
     parent: str | None = None  # "name/version" of the version this one was fine-tuned from
@@ -280,7 +281,8 @@ class ModelRegistry:
             artifact_hash=m["artifact_hash"], family=m["family"], created_by=m["created_by"],
             created_at=m["created_at"], vaekit_version=m["vaekit_version"], description=m["description"],
             source=m["source"], run_dir=m["run_dir"], run_config=m["run_config"],
-            run_config_hash=m["run_config_hash"], data_fingerprint=m["data_fingerprint"], data=m["data"],
+            run_config_hash=m["run_config_hash"], run_config_revisions=m["run_config_revisions"],
+            data_fingerprint=m["data_fingerprint"], data=m["data"],
             parent=parent, metrics=m["metrics"], profile_data=m["profile_data"], tags=tags,
             aliases=tuple(sorted(aliases)), deleted_at=m["deleted_at"], deleted_by=m["deleted_by"],
             deleted_reason=m["deleted_reason"])
@@ -486,7 +488,8 @@ class ModelRegistry:
             description=description, source=str(Path(source).resolve()),
             run_dir=str(src.run_dir.resolve()) if src.run_dir else None,
             run_config=_json_safe(src.run_config), run_config_hash=canonical_hash(_json_safe(src.run_config))
-            if src.run_config is not None else None, data_fingerprint=fingerprint, data=_json_safe(src.data),
+            if src.run_config is not None else None, run_config_revisions=_json_safe(src.revisions),
+            data_fingerprint=fingerprint, data=_json_safe(src.data),
             metrics=_json_safe(metrics_doc), profile_data=profile_source, vaekit_version=__version__, created_by=actor)
 
         def insert_version() -> int:

@@ -1,8 +1,9 @@
 """Where a model came from: the run folder, its resolved config, the training data, the evaluation figures.
 
-A run folder (``vaekit train`` output) holds ``config.yaml`` (the resolved run config) and ``model/`` (the saved
-model with ``metrics.json``); a bare model folder carries the data and train settings in its ``config.json``
-metadata. :func:`read_source` reads either into a :class:`Source`.
+A run folder (``vaekit train`` output) holds ``config.json`` / ``config.yaml`` (the resolved run config; older
+runs have only the YAML), ``config.revisions.json`` (every config the run was trained with, when it changed
+mid-run) and ``model/`` (the saved model with ``metrics.json``); a bare model folder carries the data and train
+settings in its ``config.json`` metadata. :func:`read_source` reads either into a :class:`Source`.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ class Source:
     run_dir: Path | None = None
     family: str | None = None
     run_config: dict[str, Any] | None = None
+    revisions: list[dict[str, Any]] | None = None  # the run's config revisions, when it changed mid-run
     data: dict[str, Any] | None = None  # the data settings (dataset, train_subset, validation, ...)
     metrics: dict[str, Any] | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
@@ -59,17 +61,37 @@ def read_source(path: str | os.PathLike) -> Source:
         raise InputError(f"source must be a run folder (with model/) or a model folder (with config.json), "
                          f"got {str(p)!r}")
     art = read_artifact(model_dir, MODEL_KIND)
-    run_config = None
-    if run_dir is not None and (run_dir / "config.yaml").is_file():
-        try:
-            run_config = yaml.safe_load((run_dir / "config.yaml").read_text())
-        except yaml.YAMLError as exc:
-            raise ModelFormatError(f"{run_dir / 'config.yaml'} is not valid YAML: {exc}") from None
-        if not isinstance(run_config, dict):
-            raise ModelFormatError(f"{run_dir / 'config.yaml'} must hold a mapping, got {describe(run_config)}")
+    run_config, revisions = (_run_config(run_dir), _revisions(run_dir)) if run_dir is not None else (None, None)
     data = (run_config or {}).get("data") or art.metadata.get("data")
     return Source(model_dir=model_dir, run_dir=run_dir, family=art.config.get("family"), run_config=run_config,
-                  data=dict(data) if data else None, metrics=art.metrics, metadata=art.metadata)
+                  revisions=revisions, data=dict(data) if data else None, metrics=art.metrics, metadata=art.metadata)
+
+
+def _run_config(run_dir: Path) -> dict[str, Any] | None:
+    """The run's resolved config: ``config.json`` (the newest revision), else ``config.yaml`` (older runs)."""
+    for name, parse in (("config.json", json.loads), ("config.yaml", yaml.safe_load)):
+        path = run_dir / name
+        if path.is_file():
+            try:
+                doc = parse(path.read_text())
+            except (json.JSONDecodeError, yaml.YAMLError) as exc:
+                raise ModelFormatError(f"{path} is damaged ({exc}); it records how the run was trained") from None
+            if not isinstance(doc, dict):
+                raise ModelFormatError(f"{path} must hold a mapping, got {describe(doc)}")
+            return doc
+    return None
+
+
+def _revisions(run_dir: Path) -> list[dict[str, Any]] | None:
+    """Every config the run was trained with (``config.revisions.json``) when there was more than one."""
+    path = run_dir / "config.revisions.json"
+    if not path.is_file():
+        return None
+    try:
+        revs = json.loads(path.read_text())["revisions"]
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise ModelFormatError(f"{path} is damaged ({exc}); it records how the run was trained") from None
+    return list(revs) if isinstance(revs, list) and len(revs) > 1 else None
 
 
 def training_examples(data: dict[str, Any]):

@@ -50,6 +50,7 @@ versions = Table(
     Column("run_dir", Text, nullable=True),
     Column("run_config", JSON, nullable=True),  # the run's resolved config
     Column("run_config_hash", String(64), nullable=True),
+    Column("run_config_revisions", JSON, nullable=True),  # every config of a run changed mid-run, else None
     Column("data_fingerprint", String(64), nullable=True),
     Column("data", JSON, nullable=True),  # the data settings the fingerprint was taken from
     Column("parent_name", String(128), nullable=True),
