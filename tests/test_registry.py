@@ -419,6 +419,19 @@ def test_verify_rehashes_and_names_a_corrupt_artifact(reg, models):
         reg.load("m/1")
 
 
+def test_a_damaged_stored_copy_is_replaced_when_the_same_content_comes_again(reg, models, art_root):
+    v = reg.register(models[0], "m")
+    weights = v.artifact_path / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[100] ^= 0x80
+    weights.write_bytes(bytes(data))
+    again = reg.register(models[0], "m")
+    assert again.artifact_path == v.artifact_path
+    reg.verify("m/1")  # healed: both versions share the fresh copy
+    reg.verify("m/2")
+    assert len(list((art_root / ".quarantine").iterdir())) == 1  # the damaged one, kept aside
+
+
 def test_a_source_that_fails_verification_is_refused(reg, models, tmp_path):
     import shutil
 

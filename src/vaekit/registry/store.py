@@ -6,11 +6,14 @@ The address is the artifact's digest (:attr:`vaekit.artifact.Artifact.digest`: t
 crash) sees either no folder or a complete one. Two processes storing the same content race on the rename; the
 loser verifies the winner's copy and drops its own. A content folder no version refers to (a registration
 killed after the copy, before its row committed) is harmless: the next registration of the same content reuses
-it, and :meth:`ArtifactStore.gc` removes it once it is older than a grace period.
+it, and :meth:`ArtifactStore.gc` removes it once it is older than a grace period. A content folder found
+damaged when the same content is stored again is moved to ``<root>/.quarantine/`` and replaced by the new,
+verified copy (which also heals the versions that share it).
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import shutil
@@ -21,9 +24,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vaekit.artifact import verify_artifact
-from vaekit.errors import ArtifactIntegrityError
+from vaekit.errors import ArtifactError, ArtifactIntegrityError
 
 STAGING = ".staging"
+QUARANTINE = ".quarantine"
 CONTENT = "sha256"
 
 
@@ -80,7 +84,8 @@ class ArtifactStore:
         src = Path(folder)
         source_digest = verify_artifact(src).digest
         if build is None and (self.root / self.relpath_for(source_digest)).is_dir():
-            return self._reuse(source_digest)
+            with contextlib.suppress(ArtifactError):  # a damaged copy there is replaced by a fresh one below
+                return self._reuse(source_digest)
         staging_root = self.root / STAGING
         staging_root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=staging_root, prefix="put-"))
@@ -105,6 +110,11 @@ class ArtifactStore:
         rel = self.relpath_for(digest)
         dest = self.root / rel
         dest.parent.mkdir(parents=True, exist_ok=True)
+        if dest.exists():
+            try:
+                return self._reuse(digest)
+            except ArtifactError:
+                self._quarantine(dest)  # damaged (a disk fault, a hand edit): our verified copy takes its place
         if not dest.exists():
             os.chmod(staged, 0o755)  # a shared store is read by other users
             _fsync_dir(staged)
@@ -116,6 +126,13 @@ class ArtifactStore:
                 if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY) or not dest.exists():
                     raise
         return self._reuse(digest)
+
+    def _quarantine(self, dest: Path) -> None:
+        """Move a damaged content folder aside into ``<root>/.quarantine/`` (kept for inspection, never used)."""
+        aside = self.root / QUARANTINE
+        aside.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):  # another process moved it first
+            dest.rename(aside / f"{dest.name}-{time.time_ns()}-{os.getpid()}")
 
     def verify(self, relpath: str, expected: str) -> None:
         """Re-hash a stored artifact against its manifest and its digest against ``expected`` (the one recorded
