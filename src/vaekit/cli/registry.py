@@ -7,10 +7,14 @@ working directory). Every verb prints a human-readable summary, or JSON with ``-
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+from collections.abc import Callable
 from typing import Any
 
-from vaekit.errors import InputError
+from sqlalchemy.exc import SQLAlchemyError
+
+from vaekit.errors import InputError, RegistryError
 from vaekit.registry import DEFAULT_URI, ModelRegistry, Version, parse_ref
 
 
@@ -39,53 +43,65 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "data.validation hold-out, the default when the run has one) or 'DATASET:test' "
                         "(e.g. mnist:test); never a training split")
     r.add_argument("--no-profile", action="store_true", help="register without a reference profile")
-    r.set_defaults(func=register)
+    r.set_defaults(func=_one_line_db_errors(register))
 
     ls = verbs.add_parser("list", parents=[common], help="registered models, or the versions of one")
     ls.add_argument("name", nargs="?", help="list this model's versions")
     ls.add_argument("--deleted", action="store_true", help="include deleted versions")
-    ls.set_defaults(func=list_)
+    ls.set_defaults(func=_one_line_db_errors(list_))
 
     s = verbs.add_parser("show", parents=[common], help="one version and its lineage")
     s.add_argument("ref", metavar="NAME[/V|@ALIAS]")
-    s.set_defaults(func=show)
+    s.set_defaults(func=_one_line_db_errors(show))
 
     a = verbs.add_parser("alias", parents=[common], help="point an alias at a version (recorded in its history)")
     a.add_argument("name")
     a.add_argument("alias")
     a.add_argument("version", type=int)
     a.add_argument("--reason", required=True, help="why (kept in the alias history)")
-    a.set_defaults(func=alias)
+    a.set_defaults(func=_one_line_db_errors(alias))
 
     rb = verbs.add_parser("rollback", parents=[common], help="move an alias back to its previous holder")
     rb.add_argument("name")
     rb.add_argument("alias")
     rb.add_argument("--reason", required=True, help="why (kept in the alias history)")
-    rb.set_defaults(func=rollback)
+    rb.set_defaults(func=_one_line_db_errors(rollback))
 
     h = verbs.add_parser("history", parents=[common], help="every alias move of a model (or of one alias)")
     h.add_argument("name")
     h.add_argument("alias", nargs="?")
-    h.set_defaults(func=history)
+    h.set_defaults(func=_one_line_db_errors(history))
 
     v = verbs.add_parser("verify", parents=[common], help="re-hash a version's stored artifact")
     v.add_argument("ref", metavar="NAME/V")
-    v.set_defaults(func=verify)
+    v.set_defaults(func=_one_line_db_errors(verify))
 
     d = verbs.add_parser("delete", parents=[common], help="delete a version (refused while an alias points at it)")
     d.add_argument("ref", metavar="NAME/V")
     d.add_argument("--reason", required=True)
-    d.set_defaults(func=delete)
+    d.set_defaults(func=_one_line_db_errors(delete))
 
     g = verbs.add_parser("gc", parents=[common], help="remove artifact folders no live version uses")
     g.add_argument("--min-age", type=float, default=3600.0, metavar="SECONDS",
                    help="only folders older than this (default 3600: spares registrations in flight)")
     g.add_argument("--dry-run", action="store_true", help="list what would go, remove nothing")
-    g.set_defaults(func=gc)
+    g.set_defaults(func=_one_line_db_errors(gc))
 
 
 def _open(args: argparse.Namespace) -> ModelRegistry:
     return ModelRegistry(args.registry, artifact_root=args.artifacts)
+
+
+def _one_line_db_errors(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """A database failure (server gone, disk full, a damaged file) as a RegistryError: the CLI prints one line."""
+    @functools.wraps(fn)
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return fn(args)
+        except SQLAlchemyError as exc:
+            detail = " ".join(str(getattr(exc, "orig", None) or exc).split())
+            raise RegistryError(f"database error ({type(exc).__name__}): {detail}") from exc
+    return run
 
 
 def _emit(args: argparse.Namespace, data: Any, text: str) -> None:
@@ -108,7 +124,10 @@ def _describe(v: Version) -> str:
         ("version", v.ref), ("family", v.family), ("aliases", ", ".join(v.aliases) or "-"),
         ("created", f"{v.created_at} by {v.created_by} (vaekit {v.vaekit_version})"),
         ("artifact", v.artifact_path), ("artifact sha256", v.artifact_hash), ("source", v.source),
-        ("run", v.run_dir), ("run config sha256", v.run_config_hash), ("data fingerprint", v.data_fingerprint),
+        ("run", v.run_dir), ("run config sha256", v.run_config_hash),
+        ("config revisions", len(v.run_config_revisions) if v.run_config_revisions else "one config all along"
+         if v.run_config else None),
+        ("data fingerprint", v.data_fingerprint),
         ("parent", v.parent), ("description", v.description),
         ("reference profile", v.profile_data or "none (no held-out images given)"),
         ("tags", ", ".join(f"{k}={t}" for k, t in sorted(v.tags.items())) or "-"),
