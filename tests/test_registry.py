@@ -272,6 +272,8 @@ def test_bad_arguments_name_the_argument(reg, models, tmp_path):
         reg.set_alias("x", "production", 1, "why", evidence={"bad": object()})
     with pytest.raises(RegistryLookupError, match="no model named 'nope'"):
         reg.get("nope")
+    with pytest.raises(RegistryLookupError, match="no model named 'nope'"):
+        reg.versions("nope")
     with pytest.raises(RegistryLookupError, match="no alias 'canary'"):
         reg.get("x@canary")
     with pytest.raises(RegistryLookupError, match="no version 9"):

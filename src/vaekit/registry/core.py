@@ -357,13 +357,18 @@ class ModelRegistry:
         return load_model(self.get(ref).artifact_path, map_location=map_location)
 
     def versions(self, name: str, *, include_deleted: bool = False) -> list[Version]:
-        """Every version of ``name``, newest first (deleted ones only with ``include_deleted``)."""
+        """Every version of ``name``, newest first (deleted ones only with ``include_deleted``).
+
+        RegistryLookupError when nothing was ever registered under ``name`` (a typo, most likely)."""
         check_name(name)
         where = S.versions.c.name == name
         if not include_deleted:
             where = where & S.versions.c.deleted_at.is_(None)
         with self._read.connect() as conn:
-            return self._versions(conn, where)
+            found = self._versions(conn, where)
+            if not found:
+                self._require_name(conn, name)
+            return found
 
     def models(self) -> list[ModelSummary]:
         """Every registered name with its live version count, latest live version and aliases."""
