@@ -66,6 +66,14 @@ class CheckpointError(VaekitError, RuntimeError):
     """A checkpoint could not be written, read or does not match the run."""
 
 
+class RegistryError(VaekitError, RuntimeError):
+    """A registry operation was refused (newer schema, an aliased version deleted, a conflicting change)."""
+
+
+class RegistryLookupError(RegistryError, LookupError):
+    """A registered model, version or alias does not exist."""
+
+
 class TrainingDivergedError(VaekitError, FloatingPointError):
     """The training loss became NaN or infinite; the last good checkpoint is kept."""
 
