@@ -166,3 +166,40 @@ def test_cka_and_procrustes_see_through_rotation_and_scale():
     assert 0.3 < compare_latents(x, y)["linear_cka"] < 1
     with pytest.raises(InputError, match="same inputs"):
         linear_cka(x, x[:10])
+
+
+# -- applying decisions through the registry --------------------------------------------------------------------
+def test_decisions_move_aliases_with_reasons_and_evidence_in_the_history(db_uri, tmp_path):
+    import torch
+
+    from vaekit.deploy import Decision, apply_decision, start_canary
+    from vaekit.models import VAE, VAEConfig
+    from vaekit.registry import ModelRegistry
+
+    reg = ModelRegistry(db_uri, artifact_root=tmp_path / "artifacts", actor="deploy@test")
+    for seed in range(3):
+        torch.manual_seed(seed)
+        VAE(VAEConfig(hidden_sizes=(8,), latent_dim=2)).save(tmp_path / f"m{seed}")
+        reg.register(tmp_path / f"m{seed}", "mnist", profile=False)
+    reg.set_alias("mnist", "production", 1, "first release")
+    start_canary(reg, "mnist", 2, "new candidate")
+    assert apply_decision(reg, "mnist", Decision("hold", ["waiting"])) == []
+    rng = np.random.default_rng(0)
+    d = decide(Window(errors(rng, 19000), version=1), Window(errors(rng, 1000, 1.2), version=2),
+               CanaryPolicy(min_duration_s=0))
+    assert d.action == "rollback"
+    apply_decision(reg, "mnist", d)
+    assert reg.aliases("mnist") == {"production": 1}  # the canary is out of traffic, production untouched
+    last = reg.history("mnist", "canary")[-1]
+    assert last.to_version is None and "rollback" in last.reason and last.evidence["recon_mean"]["lower"] > 1.02
+    start_canary(reg, "mnist", 3, "second candidate")
+    d = decide(Window(errors(rng, 190000)), Window(errors(rng, 10000), duration_s=90000), CanaryPolicy())
+    assert d.action == "promote"
+    events = apply_decision(reg, "mnist", d)
+    assert [e.alias for e in events] == ["production", "canary"] and reg.aliases("mnist") == {"production": 3}
+    prod = reg.history("mnist", "production")
+    assert [(e.from_version, e.to_version) for e in prod] == [(None, 1), (1, 3)]
+    assert prod[-1].evidence["decision"] == "promote" and prod[-1].actor == "deploy@test"
+    with pytest.raises(InputError, match="no 'canary' alias"):
+        apply_decision(reg, "mnist", d)
+    reg.close()
