@@ -203,3 +203,35 @@ def test_decisions_move_aliases_with_reasons_and_evidence_in_the_history(db_uri,
     with pytest.raises(InputError, match="no 'canary' alias"):
         apply_decision(reg, "mnist", d)
     reg.close()
+
+
+# -- the benchmark-suite gate --------------------------------------------------------------------------------------
+def test_the_suite_gate_passes_an_equal_candidate_and_names_what_a_worse_one_forgot(mnist, tmp_path):
+    import torch
+
+    from vaekit.data import ImageDataset, ImageSplit
+    from vaekit.deploy.suite import SuitePolicy, gate, run_suite
+    from vaekit.models import VAE, VAEConfig
+    from vaekit.training import TrainConfig, Trainer
+
+    torch.manual_seed(0)
+    prod = VAE(VAEConfig(hidden_sizes=(64,), latent_dim=4))
+    small = ImageDataset("mnist", mnist.train.subset(2000), mnist.test.subset(300), mnist.classes, mnist.provenance)
+    Trainer(prod, small, TrainConfig(epochs=2, progress=False, tensorboard="off", checkpoint_every=0),
+            run_dir=tmp_path / "run").fit()
+    later = ImageSplit(mnist.test.images[5000:5300], mnist.test.labels[5000:5300])  # another writer group
+    new = ImageDataset("new", small.train, later, small.classes)
+    dists = {"original": small, "new": new}
+    policy = SuitePolicy(parts=("elbo", "recon"))
+    p_res = run_suite(prod, dists, tmp_path / "prod", policy)
+    same = gate(run_suite(prod, dists, tmp_path / "same", policy), p_res, policy)
+    assert same.passed and same.reasons == [] and len(same.comparisons) == 2 * 4  # 2 dists x (2 elbo + 2 recon)
+    worse = VAE(VAEConfig(hidden_sizes=(64,), latent_dim=4))
+    worse.load_state_dict(prod.state_dict())
+    with torch.no_grad():  # a damaged decoder: every figure gets worse
+        for p in worse.decoder.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    res = gate(run_suite(worse.eval(), dists, tmp_path / "worse", policy), p_res, policy)
+    assert not res.passed
+    assert any(r.startswith("original: recon.mse") and "2% allowed" in r for r in res.reasons)
+    assert any(r.startswith("new: elbo.neg_elbo") and "0% allowed" in r for r in res.reasons)
