@@ -62,3 +62,26 @@ def test_a_full_disk_is_a_storage_error_and_leaves_the_old_file(tmp_path):
         assert sorted(p.name for p in fs.iterdir()) == ["a.bin"]
     finally:
         subprocess.run(["umount", "-l", str(fs)], check=False)
+
+
+def test_a_folder_swap_never_leaves_the_path_empty(tmp_path, monkeypatch):
+    """The swap is one renameat2(RENAME_EXCHANGE) where Linux offers it; where it falls back to two renames,
+    a crash between them leaves .<name>.old, which the next write of the path (or a run's start) puts back."""
+    import vaekit.atomic as atomic
+    from vaekit.atomic import atomic_folder, restore_interrupted
+
+    target = tmp_path / "model"
+    for version in ("1", "2"):
+        with atomic_folder(target) as tmp:
+            (tmp / "v").write_text(version)
+        assert (target / "v").read_text() == version
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no .old, no temporary left
+    assert atomic._exchange(tmp_path / "model", tmp_path / "model") in (True, False)
+    # the fallback, interrupted between its renames: the path is gone, .model.old holds version 2
+    (target).rename(tmp_path / ".model.old")
+    assert restore_interrupted(target) and (target / "v").read_text() == "2"
+    (target).rename(tmp_path / ".model.old")
+    monkeypatch.setattr(atomic, "_exchange", lambda a, b: False)
+    with atomic_folder(target) as tmp:  # the next write first puts the old folder back, then replaces it
+        (tmp / "v").write_text("3")
+    assert (target / "v").read_text() == "3" and sorted(p.name for p in tmp_path.iterdir()) == ["model"]

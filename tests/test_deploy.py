@@ -166,3 +166,72 @@ def test_cka_and_procrustes_see_through_rotation_and_scale():
     assert 0.3 < compare_latents(x, y)["linear_cka"] < 1
     with pytest.raises(InputError, match="same inputs"):
         linear_cka(x, x[:10])
+
+
+# -- applying decisions through the registry --------------------------------------------------------------------
+def test_decisions_move_aliases_with_reasons_and_evidence_in_the_history(db_uri, tmp_path):
+    import torch
+
+    from vaekit.deploy import Decision, apply_decision, start_canary
+    from vaekit.models import VAE, VAEConfig
+    from vaekit.registry import ModelRegistry
+
+    reg = ModelRegistry(db_uri, artifact_root=tmp_path / "artifacts", actor="deploy@test")
+    for seed in range(3):
+        torch.manual_seed(seed)
+        VAE(VAEConfig(hidden_sizes=(8,), latent_dim=2)).save(tmp_path / f"m{seed}")
+        reg.register(tmp_path / f"m{seed}", "mnist", profile=False)
+    reg.set_alias("mnist", "production", 1, "first release")
+    start_canary(reg, "mnist", 2, "new candidate")
+    assert apply_decision(reg, "mnist", Decision("hold", ["waiting"])) == []
+    rng = np.random.default_rng(0)
+    d = decide(Window(errors(rng, 19000), version=1), Window(errors(rng, 1000, 1.2), version=2),
+               CanaryPolicy(min_duration_s=0))
+    assert d.action == "rollback"
+    apply_decision(reg, "mnist", d)
+    assert reg.aliases("mnist") == {"production": 1}  # the canary is out of traffic, production untouched
+    last = reg.history("mnist", "canary")[-1]
+    assert last.to_version is None and "rollback" in last.reason and last.evidence["recon_mean"]["lower"] > 1.02
+    start_canary(reg, "mnist", 3, "second candidate")
+    d = decide(Window(errors(rng, 190000)), Window(errors(rng, 10000), duration_s=90000), CanaryPolicy())
+    assert d.action == "promote"
+    events = apply_decision(reg, "mnist", d)
+    assert [e.alias for e in events] == ["production", "canary"] and reg.aliases("mnist") == {"production": 3}
+    prod = reg.history("mnist", "production")
+    assert [(e.from_version, e.to_version) for e in prod] == [(None, 1), (1, 3)]
+    assert prod[-1].evidence["decision"] == "promote" and prod[-1].actor == "deploy@test"
+    with pytest.raises(InputError, match="no 'canary' alias"):
+        apply_decision(reg, "mnist", d)
+    reg.close()
+
+
+# -- the benchmark-suite gate --------------------------------------------------------------------------------------
+def test_the_suite_gate_passes_an_equal_candidate_and_names_what_a_worse_one_forgot(mnist, tmp_path):
+    import torch
+
+    from vaekit.data import ImageDataset, ImageSplit
+    from vaekit.deploy.suite import SuitePolicy, gate, run_suite
+    from vaekit.models import VAE, VAEConfig
+    from vaekit.training import TrainConfig, Trainer
+
+    torch.manual_seed(0)
+    prod = VAE(VAEConfig(hidden_sizes=(64,), latent_dim=4))
+    small = ImageDataset("mnist", mnist.train.subset(2000), mnist.test.subset(300), mnist.classes, mnist.provenance)
+    Trainer(prod, small, TrainConfig(epochs=2, progress=False, tensorboard="off", checkpoint_every=0),
+            run_dir=tmp_path / "run").fit()
+    later = ImageSplit(mnist.test.images[5000:5300], mnist.test.labels[5000:5300])  # another writer group
+    new = ImageDataset("new", small.train, later, small.classes)
+    dists = {"original": small, "new": new}
+    policy = SuitePolicy(parts=("elbo", "recon"))
+    p_res = run_suite(prod, dists, tmp_path / "prod", policy)
+    same = gate(run_suite(prod, dists, tmp_path / "same", policy), p_res, policy)
+    assert same.passed and same.reasons == [] and len(same.comparisons) == 2 * 4  # 2 dists x (2 elbo + 2 recon)
+    worse = VAE(VAEConfig(hidden_sizes=(64,), latent_dim=4))
+    worse.load_state_dict(prod.state_dict())
+    with torch.no_grad():  # a damaged decoder: every figure gets worse
+        for p in worse.decoder.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    res = gate(run_suite(worse.eval(), dists, tmp_path / "worse", policy), p_res, policy)
+    assert not res.passed
+    assert any(r.startswith("original: recon.mse") and "2% allowed" in r for r in res.reasons)
+    assert any(r.startswith("new: elbo.neg_elbo") and "0% allowed" in r for r in res.reasons)

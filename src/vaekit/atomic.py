@@ -1,15 +1,19 @@
 """Atomic writes: a reader (or a crash) never sees half a file or half a folder.
 
 Files go through a temporary file in the same directory and ``os.replace``; folders (saved
-models, FID extractors) are built in a temporary sibling folder and swapped in with two renames,
-the old folder kept until the new one is in place. An OS failure (no space left, read-only,
-permission denied) is raised as :class:`~vaekit.errors.StorageError`, its message opening with
-the OS reason and naming the path; nothing half-written is left behind. Temporary names start
-with ``.<name>.`` so a crashed write can be recognised and cleaned (``TEMP_PATTERNS``).
+models, FID extractors) are built in a temporary sibling folder and swapped in: on Linux with one
+``renameat2(RENAME_EXCHANGE)``, so the path always holds the old or the new folder, never neither;
+elsewhere with two renames, the old folder kept as ``.<name>.old`` until the new one is in place
+(a crash between them leaves it there, and the next write of that path puts it back first).
+An OS failure (no space left, read-only, permission denied) is raised as
+:class:`~vaekit.errors.StorageError`, its message opening with the OS reason and naming the
+path; nothing half-written is left behind. Temporary names start with ``.<name>.`` so a crashed
+write can be recognised and cleaned (``TEMP_FILE_PATTERN``).
 """
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 import shutil
@@ -75,6 +79,37 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes, what: str = "write"
         raise
 
 
+_RENAME_EXCHANGE = 2  # linux/fs.h
+_AT_FDCWD = -100
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths atomically (Linux renameat2 with RENAME_EXCHANGE); False where the C
+    library or the file system cannot, so the caller falls back to two renames."""
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):
+        return False
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def restore_interrupted(path: str | os.PathLike) -> bool:
+    """Put back ``.<name>.old`` when a crash between the two renames of a folder swap left ``path``
+    missing; True when it did."""
+    path = Path(path)
+    old = path.with_name(f".{path.name}.old")
+    if old.is_dir() and not path.exists():
+        old.rename(path)
+        return True
+    return False
+
+
 @contextmanager
 def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
     """Yield an empty temporary folder beside ``path``; when the block ends without an error it
@@ -85,12 +120,16 @@ def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        restore_interrupted(path)
         tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
     except OSError as exc:
         raise storage_error(exc, path) from exc
     try:
         yield tmp
         os.chmod(tmp, 0o755)  # mkdtemp creates 0700
+        if path.is_dir() and not path.is_symlink() and _exchange(tmp, path):
+            shutil.rmtree(tmp)  # it now holds the old folder
+            return
         old = None
         if path.exists():
             old = path.with_name(f".{path.name}.old")

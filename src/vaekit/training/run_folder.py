@@ -34,7 +34,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from vaekit.atomic import TEMP_FILE_PATTERN, atomic_write_bytes, storage_error
+from vaekit.atomic import TEMP_FILE_PATTERN, atomic_write_bytes, restore_interrupted, storage_error
 from vaekit.errors import CheckpointError, RunLockedError
 from vaekit.training.checkpoint import find_resumable, list_checkpoints
 from vaekit.training.history import CheckpointHistory
@@ -242,6 +242,8 @@ class RunFolder:
         """Remove what a process killed mid-write left (``.step-*.pt.*.tmp``, ``.metrics.jsonl.*.tmp``,
         ``.model.*`` folders) in the run folder and ``checkpoints/``; return what was removed."""
         self._check_locked()
+        if restore_interrupted(self.path / "model"):  # a crash mid-swap: the old model is the only copy
+            warnings.warn(f"{self.path}: put back model/ from .model.old (a save was interrupted)", stacklevel=5)
         removed = []
         for d in (self.path, self.checkpoint_dir):
             if not d.is_dir():
