@@ -10,10 +10,10 @@ import torch
 from helpers import Crash
 
 from vaekit.cli.main import main
-from vaekit.data import BatchLoader, ImageDataset, ImageSplit
+from vaekit.data import BatchLoader, ImageSplit
 from vaekit.data.replay import ReplayLoader
 from vaekit.data.shards import load_shards, load_split, next_shard_path, read_shard, write_shard
-from vaekit.errors import CheckpointError, ConfigError, DataError
+from vaekit.errors import CheckpointError, ConfigError, DataError, RegistryLookupError
 from vaekit.models import MODEL_REGISTRY, build_model, load_model
 from vaekit.models.aae import AAEConfig
 from vaekit.models.base import model_config_from_dict, read_model_doc
@@ -249,14 +249,29 @@ def test_cli_finetune_at_lr_1e5_leaves_the_encoder_bit_identical(source, tmp_pat
     assert any(not torch.equal(src[k], tuned[k]) for k in src if k.startswith("decoder."))
 
 
-def test_registry_references_need_a_registry(mnist_small, tmp_path, monkeypatch):
+def test_init_from_a_registry_reference_uses_the_version_the_alias_named(source, mnist_small, tmp_path, monkeypatch):
+    from vaekit.registry import ModelRegistry
+
     monkeypatch.delenv("VAEKIT_REGISTRY", raising=False)
-    tc = TrainConfig(init_from="digits@production", max_steps=1, progress=False, tensorboard="off")
-    t = Trainer(build_model(VAEConfig(latent_dim=2, hidden_sizes=(8,))),
-                ImageDataset("mnist", mnist_small.train.subset(64), mnist_small.test.subset(64), mnist_small.classes),
-                tc, run_dir=tmp_path / "r")
-    with pytest.raises(ConfigError, match="registry"):
-        t.fit()
+    uri = f"sqlite:///{tmp_path / 'reg' / 'registry.db'}"
+    registry = ModelRegistry(uri)
+    registry.register(source, "digits", alias="production", reason="the source run", profile=False)
+    shards = _shards_from(mnist_small, tmp_path / "shards")
+    config = _finetune_config(tmp_path, "ft", "digits@production", shards, registry=uri, max_steps=4)
+    trainer = prepare(config, dataset=mnist_small)
+    trainer.fit()
+    event = next(e for e in read_metrics(tmp_path / "ft/metrics.jsonl", "event") if e["event"] == "init_from")
+    assert event["source"].startswith("digits/1 (digits@production, ")
+    registered = registry.load("digits@production").state_dict()
+    assert all(torch.equal(registered[k], v) for k, v in trainer.model.state_dict().items()
+               if k.startswith(("encoder.", "to_mean.", "to_logvar.")))
+    with pytest.raises(RegistryLookupError):
+        prepare(_finetune_config(tmp_path, "ft2", "digits@canary", shards, registry=uri), dataset=mnist_small).fit()
+
+
+def _shards_from(data, folder):
+    write_shard(next_shard_path(folder), data.test.images[:200], data.test.labels[:200])
+    return folder
 
 
 def test_data_train_data_trains_on_shards_and_keeps_the_dataset_test_split(mnist, mnist_small, source, tmp_path):

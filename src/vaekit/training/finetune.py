@@ -6,7 +6,9 @@
 - a run folder: its saved model (``RUN/model``) when there is one, else its newest readable
   checkpoint;
 - a registry reference ``NAME@ALIAS`` or ``NAME/VERSION`` (``vaekit.registry``, imported only
-  then), in the registry at ``train.registry`` or ``$VAEKIT_REGISTRY``.
+  then), in the registry at ``train.registry``, else ``$VAEKIT_REGISTRY``, else the registry's
+  default; the source is recorded as the exact version (``NAME/VERSION``) the reference named
+  when the run started, so a later alias move does not change what the run was tuned from.
 
 They are loaded into the model only when a run starts afresh; a resumed run continues from its
 own checkpoint. ``train.trainable`` lists parameter groups (``model.parameter_groups()``, e.g.
@@ -18,7 +20,6 @@ dead-code restart), so frozen weights and buffers stay bitwise unchanged.
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -67,18 +68,11 @@ def load_init_state(spec: str, registry: str | None = None) -> tuple[dict[str, t
 
 
 def _from_registry(ref: str, uri: str | None) -> tuple[dict[str, torch.Tensor], str, str]:
-    try:
-        from vaekit.registry import ModelRegistry  # only here: training does not need the registry otherwise
-    except ImportError:
-        raise ConfigError(f"train.init_from={ref!r} is a registry reference, but this vaekit has no registry "
-                          f"(vaekit.registry); give a run or model folder") from None
-    uri = uri or os.environ.get("VAEKIT_REGISTRY")
-    if not uri:
-        raise ConfigError(f"train.init_from={ref!r} is a registry reference: set train.registry (or "
-                          f"$VAEKIT_REGISTRY) to the registry's URI")
-    folder = Path(ModelRegistry(uri).get(ref).artifact_path)
-    model = load_model(folder)
-    return model.state_dict(), model.family, f"{ref} ({folder})"
+    from vaekit.registry import ModelRegistry  # only here: training does not need the registry otherwise
+
+    version = ModelRegistry(uri).get(ref)  # uri None: $VAEKIT_REGISTRY, else the registry's default
+    model = load_model(version.artifact_path)
+    return model.state_dict(), model.family, f"{version.ref} ({ref}, {version.artifact_path})"
 
 
 def init_weights(model: BaseModel, state: dict[str, torch.Tensor], family: str, source: str) -> None:
