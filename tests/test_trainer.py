@@ -1,3 +1,4 @@
+import importlib.util
 import json
 
 import pytest
@@ -176,3 +177,77 @@ def test_nothing_to_resume_from_keeps_the_earlier_results_aside(mnist_small, tmp
     assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl", "train")] == [1, 2, 3, 4, 5]
     assert len(read_metrics(tmp_path / "previous" / "1" / "metrics.jsonl", "train")) == 10
     assert (tmp_path / "previous" / "1" / "model" / "model.safetensors").is_file()
+
+
+# -- the loop as callbacks see it ------------------------------------------------------------------
+class StopAt(Callback):
+    """Asks the loop to stop after step ``at``, through the TrainingLoop protocol only."""
+
+    name = "stop_at"
+
+    def __init__(self, at):
+        self.at, self.seen = at, []
+
+    def on_step_end(self, loop, record):
+        self.seen.append((loop.state.step, loop.stop_requested))
+        if loop.state.step == self.at and not loop.stop_requested:
+            loop.request_stop(f"asked at step {self.at}")
+
+    def summary(self):
+        return {"steps_seen": len(self.seen)}
+
+
+def test_a_callback_stops_the_loop_and_reports_through_its_summary(mnist_small, tmp_path):
+    stop = StopAt(5)
+    res = _trainer(mnist_small, tmp_path / "r", [stop]).fit()
+    assert res.steps == 5 and res.stopped == "asked at step 5"
+    assert stop.seen == [(1, None), (2, None), (3, None), (4, None), (5, None)]
+    assert res.summaries == {"stop_at": {"steps_seen": 5}}
+    assert (tmp_path / "r" / "model" / "model.safetensors").is_file(), "a stopped run still saves its model"
+    assert [s for s, _ in list_checkpoints(tmp_path / "r" / "checkpoints")][-1] == 5, "and checkpoints where it stopped"
+
+
+def test_standard_callbacks_come_in_loop_order_around_the_users(mnist_small):
+    from vaekit.training.selection import SelectConfig
+    from vaekit.training.standard import standard_callbacks
+
+    user = Counter()
+    cbs = standard_callbacks(_model(), mnist_small, data=DataConfig(validation=100), extra=[user],
+                             select=SelectConfig(metric="val_loss"))
+    assert [c.name for c in cbs] == ["kl", "collapse", "counter", "select"]
+    assert cbs[1].kl_controller is cbs[0], "the monitor changes the KL controller it was given"
+
+
+class RecordingWriter:
+    """Stands in for tensorboard's SummaryWriter (tensorboard is an optional extra, not installed here)."""
+
+    instances: list = []
+
+    def __init__(self, log_dir):
+        self.log_dir, self.scalars, self.closed = log_dir, [], False
+        RecordingWriter.instances.append(self)
+
+    def add_scalar(self, tag, value, step):
+        self.scalars.append((tag, value, step))
+
+    def close(self):
+        self.closed = True
+
+
+def test_tensorboard_and_the_progress_bar_are_reporting_callbacks(mnist_small, tmp_path, capsys):
+    from vaekit.errors import ConfigError
+    from vaekit.training.reporting import ProgressBar, TensorBoardLogger, reporting_callbacks
+
+    assert [type(c) for c in reporting_callbacks(_cfg(progress=True), tmp_path, True)] == [ProgressBar]
+    assert reporting_callbacks(_cfg(progress=True), tmp_path, False) == [], "rank 0 only"
+    if importlib.util.find_spec("tensorboard") is None:
+        with pytest.raises(ConfigError, match="tensorboard is 'on' but tensorboard is not installed"):
+            _trainer(mnist_small, tmp_path / "tb", tensorboard="on").check()
+    # a reporter is a callback like any other: given one with a stand-in writer class
+    logger = TensorBoardLogger(tmp_path / "r", RecordingWriter)
+    _trainer(mnist_small, tmp_path / "r", [logger], max_steps=4, epochs=1, progress=True).fit()
+    writer = RecordingWriter.instances[-1]
+    assert writer.closed and writer.log_dir == str(tmp_path / "r" / "tensorboard")
+    assert [s for tag, _, s in writer.scalars if tag == "train/loss"] == [1, 2, 3, 4]
+    assert any(tag == "test/recon" for tag, _, _ in writer.scalars), "the final evaluation is logged too"
+    assert "epoch 1/1" in capsys.readouterr().err, "the progress bar ran"
