@@ -101,16 +101,30 @@ def check_trainable(model: BaseModel, trainable: Sequence[str] | None) -> dict[s
     return groups
 
 
-def freeze(model: BaseModel, trainable: Sequence[str]) -> tuple[set[str], list[Any]]:
-    """Freeze every group not in ``trainable``: (frozen state names, hook handles to remove later)."""
+class Frozen:
+    """What :func:`freeze` did, undone by :meth:`release` (the model is whole again after a run)."""
+
+    def __init__(self, names: set[str], params: list[nn.Parameter], handles: list[Any]):
+        self.names, self.params, self.handles = names, params, handles
+
+    def release(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        for p in self.params:
+            p.requires_grad_(True)
+        self.handles, self.params = [], []
+
+
+def freeze(model: BaseModel, trainable: Sequence[str]) -> Frozen:
+    """Freeze every group not in ``trainable`` (see the module docstring)."""
     groups = check_trainable(model, trainable)
     keep = {n for g in trainable for n in groups[g]}
     frozen = {n for g, names in groups.items() if g not in trainable for n in names} - keep
-    for name, p in model.named_parameters():
-        if name in frozen:
-            p.requires_grad_(False)
+    params = [p for name, p in model.named_parameters() if name in frozen and p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
     handles = [m.register_forward_pre_hook(_hold_eval) for m in frozen_modules(model, frozen)]
-    return frozen, handles
+    return Frozen(frozen, params, handles)
 
 
 def _hold_eval(module: nn.Module, args: Any) -> None:

@@ -52,6 +52,7 @@ from vaekit.training.checkpoint import (
 )
 from vaekit.training.config import DataConfig, RunConfig, TrainConfig
 from vaekit.training.finetune import (
+    Frozen,
     check_init_from,
     check_trainable,
     drop_frozen,
@@ -189,7 +190,7 @@ class Trainer:
         self._last_eval: dict[str, Any] | None = None
         self._recent_kl: list[float] = []
         self._notes: list[dict[str, Any]] = []  # events found before the log opens (skipped checkpoints, ...)
-        self._hooks_frozen: list[Any] = []  # forward pre-hooks holding frozen parts in eval mode
+        self._frozen: Frozen | None = None  # train.trainable's frozen parts, released when the run ends
 
     def _replay_split(self, replay: ImageSplit | None) -> ImageSplit | None:
         dc = self.data_config
@@ -274,8 +275,8 @@ class Trainer:
                 self.log.close(quiet=not ok)
             for cb in self.hooks:
                 cb.close()
-            for handle in self._hooks_frozen:
-                handle.remove()
+            if self._frozen is not None:
+                self._frozen.release()
         finally:
             self.folder.lock.release()
             D.shutdown(self.dist)
@@ -315,7 +316,7 @@ class Trainer:
         cfg, dc, info = self.config, self.data_config, self.dist
         model = self.model.to(self.device).train()
         if cfg.trainable is not None:  # before DDP and the optimizers see the parameters
-            self._hooks_frozen = freeze(model, cfg.trainable)[1]
+            self._frozen = freeze(model, cfg.trainable)
         train_split, _ = dc.train_splits(self.dataset.train)
         loader: BatchLoader | ReplayLoader
         loader = BatchLoader(train_split, cfg.batch_size, shuffle=True, binarize=dc.binarize,
