@@ -235,13 +235,12 @@ class Trainer:
     def check(self, resume: bool = True) -> None:
         """Every check a real :meth:`fit` makes before it writes, without writing anything (``--dry-run``):
         the device, TensorBoard, the run folder (writable, not locked by another process, a resumed
-        run's model config and data split)."""
+        run's model config and data split), and a fresh fine-tune's starting weights."""
         pick_device(self.config.device)
         tensorboard_writer_class(self.config.tensorboard)
         self.folder.check(resume, self._config_dict())
-        if self.config.init_from and (not resume or not list_checkpoints(self.checkpoint_dir)):
-            state, family, source = load_init_state(self.config.init_from, self.config.registry)
-            init_weights(self.model, state, family, source)  # the weights fit (a dry run loads them)
+        if (init := self._init_state(resume)) is not None:
+            init_weights(self.model, *init)  # train.init_from's weights exist and fit the model
 
     # -- the loop --------------------------------------------------------------------------------
     def fit(self, resume: bool = True) -> TrainResult:
