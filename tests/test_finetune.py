@@ -284,3 +284,41 @@ def test_data_train_data_trains_on_shards_and_keeps_the_dataset_test_split(mnist
     res = trainer.fit()
     assert res.steps == 5  # ceil(300 / 64): an epoch is the shards
     assert ("train: " + str(shards)) in read_model_doc(res.model_dir)["metadata"]["dataset_provenance"]
+
+
+@pytest.mark.slow
+def test_a_finetune_killed_with_sigkill_resumes_bit_exact(mnist, source, tmp_path):
+    """A real ``vaekit train`` process killed -9 once it has written a step checkpoint, resumed by the
+    same command: the weights equal an uninterrupted run's, wherever the kill landed."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    shards = _shards(mnist, tmp_path / "shards")
+    sets = ["model.latent_dim=8", "model.hidden_sizes=[64]", f"out_dir={tmp_path}", "data.train_subset=2000",
+            "data.test_subset=500", "data.binarize=dynamic", f"data.replay={shards}", "data.replay_share=0.25",
+            "train.max_steps=60", "train.checkpoint_every=5", "train.lr=1e-4", "train.threads=1",
+            "train.progress=false", "train.tensorboard=off", "monitor.samples=200", f"train.init_from={source}",
+            "train.trainable=[decoder]"]
+    args = [a for s in sets for a in ("--set", s)]
+    assert main(["train", *args, "--set", "name=ref"]) == 0
+    src = Path(__file__).resolve().parents[1] / "src"
+    env = {**os.environ, "PYTHONPATH": str(src), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "vaekit.cli.main", "train", *args, "--set", "name=run"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    ckpts = tmp_path / "run" / "checkpoints"
+    deadline = time.monotonic() + 300
+    while not any(p.name != "step-000000000.pt" for p in ckpts.glob("step-*.pt")):
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        assert time.monotonic() < deadline, "no step checkpoint in 300 s"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert main(["train", *args, "--set", "name=run"]) == 0
+    events = [e["event"] for e in read_metrics(tmp_path / "run" / "metrics.jsonl", "event")]
+    assert "resume" in events, events
+    ref, run = load_model(tmp_path / "ref" / "model").state_dict(), load_model(tmp_path / "run" / "model").state_dict()
+    assert all(torch.equal(ref[k], run[k]) for k in ref)
