@@ -195,3 +195,216 @@ def test_likelihood_regret_finds_the_encoder_parameters():
     params = LikelihoodRegret.encoder_parameters(model, x, None)
     names = {n for n, p in model.named_parameters() if any(p is q for q in params)}
     assert names == {"to_mean.weight", "to_mean.bias", "to_logvar.weight", "to_logvar.bias"}
+
+
+# -- detection metrics against hand-computed values ----------------------------------------------------
+def test_metrics_match_hand_computed_values():
+    # in = {0.1, 0.4}, OOD = {0.35, 0.8}: OOD beats in in 3 of 4 pairs
+    assert auroc([0.1, 0.4], [0.35, 0.8]) == pytest.approx(0.75)
+    # ranked 0.8(+) 0.4(-) 0.35(+) 0.1(-): AP = 0.5 * 1 + 0.5 * 2/3
+    assert aupr([0.1, 0.4], [0.35, 0.8]) == pytest.approx(0.5 + 1 / 3)
+    # flagging both OOD images needs threshold 0.35, which flags 0.4: FPR 1/2
+    assert fpr_at_tpr([0.1, 0.4], [0.35, 0.8]) == pytest.approx(0.5)
+    # ties count one half: out 2 vs in {1, 2, 2} -> 1 + 0.5 + 0.5, out 3 -> 3; 5 of 6
+    assert auroc([1, 2, 2], [2, 3]) == pytest.approx(5 / 6)
+    # tied run 2,2,2 flagged together: precision 2/4 at recall 1 after 3 (+) alone at 1/2
+    assert aupr([1, 2, 2], [2, 3]) == pytest.approx(0.5 * 1 + 0.5 * 0.5)
+    assert fpr_at_tpr([1, 2, 2], [2, 3]) == pytest.approx(2 / 3)
+    assert auroc([0, 1], [2, 3]) == 1.0 and auroc([2, 3], [0, 1]) == 0.0
+    assert fpr_at_tpr([0, 1], [2, 3]) == 0.0
+
+
+def test_metrics_agree_with_torchmetrics_on_random_scores():
+    from torchmetrics.functional.classification import binary_auroc, binary_average_precision
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(300, generator=g)
+    b = torch.randn(200, generator=g) + 0.7
+    a[:20] = b[:20]  # ties across the classes
+    s = torch.cat([a, b])
+    t = torch.cat([torch.zeros(300), torch.ones(200)]).long()
+    assert auroc(a, b) == pytest.approx(float(binary_auroc(s, t)), abs=1e-6)
+    assert aupr(a, b) == pytest.approx(float(binary_average_precision(s, t)), abs=1e-6)
+
+
+def test_metrics_reject_bad_scores():
+    with pytest.raises(InputError, match="in_scores"):
+        auroc([], [1.0])
+    with pytest.raises(InputError, match="non-finite"):
+        aupr([1.0, float("nan")], [1.0])
+    with pytest.raises(InputError, match="tpr"):
+        fpr_at_tpr([1.0], [2.0], tpr=1.5)
+
+
+# -- the detector -----------------------------------------------------------------------------------------
+def _tiny_vae(seed: int = 0) -> VAE:
+    torch.manual_seed(seed)
+    return VAE(VAEConfig(input_shape=P_SHAPE, latent_dim=2, hidden_sizes=(8,))).eval()
+
+
+def test_threshold_gives_the_requested_false_positive_rate_within_binomial_error():
+    """Calibrated on held-out in-distribution images, the p95 threshold flags 5% of fresh ones: the
+    error is within 4 standard deviations of the calibration quantile's and the test share's binomial errors."""
+    model = _tiny_vae()
+    calib, test = rand_images(4000, P_SHAPE, 11), rand_images(20000, P_SHAPE, 12)
+    for pct in (95.0, 99.0):
+        det = AnomalyDetector(model, score="recon", percentile=pct).fit(calib, source="uniform images")
+        fpr = float(det.predict(test).double().mean())
+        p = 1 - pct / 100
+        sd = math.sqrt(p * (1 - p) * (1 / 4000 + 1 / 20000))
+        assert abs(fpr - p) < 4 * sd, (pct, fpr)
+        assert det.fitted_on_["n_calibration"] == 4000 and det.fitted_on_["source"] == "uniform images"
+
+
+def test_a_fitted_score_is_calibrated_on_images_it_was_not_fit_on():
+    model = _tiny_vae()
+    ref = rand_images(400, P_SHAPE, 13)
+    det = AnomalyDetector(model, score="mahalanobis", percentile=90, fit_fraction=0.25).fit(ref)
+    assert det.fitted_on_["n_score_fit"] == 100 and det.fitted_on_["n_calibration"] == 300
+    assert det.calibration_["flagged_share"] == pytest.approx(0.1, abs=0.01)
+
+
+def test_unfitted_detector_and_scores_raise_a_clear_error():
+    model = _tiny_vae()
+    det = AnomalyDetector(model, score="neg_elbo")
+    for call in (lambda: det.predict(_x(2).float()), lambda: det.score(_x(2).float()), det.to_dict):
+        with pytest.raises(NotFittedError, match="fit"):
+            call()
+    with pytest.raises(NotFittedError, match="mahalanobis"):
+        score_images(model, _x(2).float(), "mahalanobis")
+    with pytest.raises(NotFittedError):
+        TypicalityTest(model).test(_x(100).float())
+    assert issubclass(NotFittedError, VaekitError)
+
+
+def test_detector_round_trips_through_json_and_refuses_other_weights(tmp_path):
+    model = _tiny_vae()
+    ref, x = rand_images(200, P_SHAPE, 14), rand_images(50, P_SHAPE, 15)
+    det = AnomalyDetector(model, score="ensemble", percentile=97).fit(ref, source="held-out")
+    doc = json.loads(json.dumps(det.to_dict()))
+    again = AnomalyDetector.from_dict(doc, model)
+    assert again.threshold_ == det.threshold_
+    assert torch.equal(again.score(x), det.score(x)) and torch.equal(again.predict(x), det.predict(x))
+    path = det.save(tmp_path / "detector.json")
+    assert torch.equal(AnomalyDetector.load(path, model).predict(x), det.predict(x))
+    other = _tiny_vae(seed=1)
+    with pytest.raises(InputError, match="fit with model"):
+        AnomalyDetector.from_dict(doc, other)
+    assert AnomalyDetector.from_dict(doc, other, check_model=False).threshold_ == det.threshold_
+    broken = dict(doc, threshold="high")
+    with pytest.raises(InputError):
+        AnomalyDetector.from_dict(broken, model)
+
+
+def test_detector_validates_its_arguments():
+    model = _tiny_vae()
+    ref = rand_images(20, P_SHAPE, 16)
+    for kwargs, match in (({"percentile": 100}, "percentile"), ({"percentile": 0}, "percentile"),
+                          ({"score": "nope"}, "score must be one of"), ({"batch_size": 0}, "batch_size"),
+                          ({"fit_fraction": 1.0}, "fit_fraction"), ({"score_params": {"k": 0}}, "k must be")):
+        with pytest.raises(InputError, match=match):
+            AnomalyDetector(model, **kwargs).fit(ref)
+
+
+# -- bad inputs and capabilities -------------------------------------------------------------------------
+def test_scores_reject_bad_images_naming_the_problem():
+    model = _tiny_vae()
+    good = rand_images(3, P_SHAPE, 17)
+    nan = good.clone()
+    nan[0, 0, 0, 0] = float("nan")
+    for bad, match in ((good.numpy(), "torch.Tensor"), (good[0], "shape"), ((good * 255).to(torch.uint8), "float"),
+                       (good * 2, r"\[0, 1\]"), (nan, "finite"), (good[:0], "at least one")):
+        with pytest.raises(InputError, match=match):
+            score_images(model, bad, "recon")
+    with pytest.raises(InputError, match="k must be"):
+        score_images(model, good, "nll", k=0)
+    with pytest.raises(InputError, match="not conditional"):
+        score_images(model, good, "recon", y=torch.zeros(3, dtype=torch.long))
+    with pytest.raises(InputError, match="bad parameters"):
+        score_images(model, good, "kl", k=3)
+
+
+def test_score_dicts_round_trip():
+    model = _tiny_vae()
+    ref = rand_images(100, P_SHAPE, 18)
+    for name in ("neg_elbo", "complexity", "mahalanobis", "typicality", "ensemble"):
+        s = make_score(name)
+        if s.needs_fit:
+            s.fit(model, ref)
+        again = score_from_dict(json.loads(json.dumps(score_to_dict(s))))
+        x = rand_images(5, P_SHAPE, 19)
+        assert torch.equal(score_images(model, x, again), score_images(model, x, s)), name
+
+
+def test_every_family_either_scores_or_names_the_missing_capability():
+    from test_models import VARIANTS
+
+    x = rand_images(4)
+    ref = rand_images(40, seed=3)
+    for variant, cfg in VARIANTS.items():
+        torch.manual_seed(0)
+        model = build_model(cfg).eval()
+        y = None
+        if bool(getattr(type(model), "conditional", getattr(type(model), "needs_labels", False))):
+            y = torch.randn(4, cfg.cond_dim) if getattr(cfg, "condition", "class") == "vector" else torch.arange(4)
+        for name in SCORES:
+            params = {"steps": 1, "k": 2} if name == "likelihood_regret" else {}
+            s = make_score(name, **params)
+            supported = all(has_capability(model, c) for c in s.requires)
+            if not supported:
+                with pytest.raises(UnsupportedModelError, match=name):
+                    score_images(model, x, s, y)
+                continue
+            if s.needs_fit:
+                yr = None if y is None else torch.cat([y] * 10)[:40]
+                s.fit(model, ref, yr)
+            out = score_images(model, x, s, y)
+            assert out.shape == (4,) and torch.isfinite(out).all(), (variant, name)
+
+
+# -- typicality and the OOD report ------------------------------------------------------------------------
+def test_typicality_test_flags_shifted_windows_at_about_alpha_otherwise():
+    model = _tiny_vae()
+    ref = rand_images(2000, P_SHAPE, 20)
+    test = TypicalityTest(model, "recon", window=20, alpha=0.05, bootstraps=4000).fit(ref)
+    fresh = score_images(model, rand_images(4000, P_SHAPE, 21), "recon")
+    rate = float(np.mean(window_statistics(test, fresh, 800) > test.epsilon_))
+    assert abs(rate - 0.05) < 0.035
+    dark = rand_images(20, P_SHAPE, 22) * 0.2
+    assert test.test(dark).ood
+    with pytest.raises(InputError, match="window must hold 20"):
+        test.test(dark[:5])
+    again = TypicalityTest.from_dict(json.loads(json.dumps(test.to_dict())), model)
+    assert again.test(dark) == test.test(dark)
+
+
+def test_corruptions_and_ood_sets():
+    x = rand_images(6, (1, 28, 28), 23)
+    x = torch.round(x * 255) / 255
+    sets = ood_datasets("corrupted", x)
+    assert set(sets) == {"black", "noise", "inverted", "rotated"}
+    assert torch.equal(sets["black"], torch.zeros_like(x))
+    assert torch.allclose(sets["inverted"], 1 - x)
+    assert torch.equal(sets["rotated"][:, :, 27 - 5, 3], x[:, :, 3, 5])  # counter-clockwise: (r, c) -> (W-1-c, r)
+    noise = sets["noise"]
+    assert noise.min() >= 0 and noise.max() <= 1 and torch.equal(noise, torch.round(noise * 255) / 255)
+    assert (noise - x).abs().mean() > 0.1
+    with pytest.raises(InputError, match="ood data must be one of"):
+        ood_datasets("svhn", x)
+    with pytest.raises(InputError, match="corruption"):
+        corrupt(x, "blur")
+
+
+def test_ood_report_separates_an_obvious_set_and_writes_histograms(tmp_path):
+    model = _tiny_vae()
+    xin, ref = rand_images(200, P_SHAPE, 24), rand_images(200, P_SHAPE, 25)
+    out = {"black": torch.zeros(100, *P_SHAPE), "bright": torch.ones(100, *P_SHAPE)}
+    rep = ood_report(model, xin, out, ["recon", "mahalanobis", "complexity"], reference=ref,
+                     png_path=tmp_path / "hist.png", time_batches=(1,), time_repeats=3)
+    assert set(rep["scores"]) == {"recon", "mahalanobis", "complexity"}
+    assert rep["scores"]["complexity"]["ood"]["black"]["auroc"] == 1.0  # nothing compresses like a blank image
+    assert rep["scores"]["recon"]["ood"]["bright"]["auroc"] > 0.9
+    assert rep["scores"]["recon"]["seconds_per_image_batch1"] > 0
+    assert Image.open(tmp_path / "hist.png").format == "PNG"
+    with pytest.raises(InputError, match="reference"):
+        ood_report(model, xin, out, ["mahalanobis"])

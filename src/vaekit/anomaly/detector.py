@@ -56,7 +56,8 @@ class AnomalyDetector:
 
     Args:
         model: the model the score runs on (kept by reference; not part of ``to_dict``).
-        score: a score name (see :data:`vaekit.anomaly.SCORES`), a Score, or a score dict.
+        score: a score name (see :data:`vaekit.anomaly.SCORES`), a Score, or a score dict (kept as
+            ``score_spec``, since ``score`` is the method).
         percentile: threshold percentile of the calibration scores, in (0, 100).
         score_params: parameters of a score given by name (e.g. ``{"k": 16}``).
         fit_fraction: share of the reference used to fit a score's statistics (scores that have them).
@@ -68,7 +69,7 @@ class AnomalyDetector:
                  score_params: dict[str, Any] | None = None, fit_fraction: float = 0.5, batch_size: int = 256,
                  seed: int = 0):
         self.model = model
-        self.score = score
+        self.score_spec = score  # stored under another name: ``score`` is the scoring method
         self.percentile = percentile
         self.score_params = score_params
         self.fit_fraction = fit_fraction
@@ -98,7 +99,7 @@ class AnomalyDetector:
         self._check_args()
         if source is not None and not isinstance(source, str):
             raise InputError(f"source must be a string or None, got {describe(source)}")
-        score = as_score(self.score, **(self.score_params or {}))
+        score = as_score(self.score_spec, **(self.score_params or {}))
         score.check_model(self.model)
         reference = check_images(self.model, reference, "reference")
         n = reference.shape[0]
@@ -145,8 +146,8 @@ class AnomalyDetector:
         self._check_fitted()
         return score_images(self.model, x, self.score_, y, batch_size=self.batch_size, seed=self.seed)
 
-    def score(self, x: Any, y: Any = None) -> torch.Tensor:  # type: ignore[override]
-        """Alias of :meth:`score_samples` (the issue's name for it)."""
+    def score(self, x: Any, y: Any = None) -> torch.Tensor:
+        """Alias of :meth:`score_samples`."""
         return self.score_samples(x, y)
 
     def predict(self, x: Any, y: Any = None) -> torch.Tensor:
@@ -216,4 +217,4 @@ class AnomalyDetector:
 
     def __repr__(self) -> str:
         state = f"threshold_={self.threshold_:.6g}" if hasattr(self, "threshold_") else "unfitted"
-        return f"AnomalyDetector(score={self.score!r}, percentile={self.percentile!r}, {state})"
+        return f"AnomalyDetector(score={self.score_spec!r}, percentile={self.percentile!r}, {state})"

@@ -84,8 +84,9 @@ def ood_datasets(name: str, in_images: torch.Tensor | None = None, *, n: int | N
     return {name: to_unit_float(test.images[:n] if n else test.images)}
 
 
-def _time_per_image(model: Any, score: Any, x: torch.Tensor, batch_size: int, repeats: int) -> float:
-    """Median seconds per image of scoring ``repeats`` batches of ``batch_size`` images."""
+def time_per_image(model: Any, score: Any, x: torch.Tensor, batch_size: int, repeats: int) -> float:
+    """Median seconds per image of scoring ``repeats`` batches of ``batch_size`` images of x (after one
+    warm-up batch): the whole call, input checks and seeding included."""
     times = []
     xb = x[:batch_size]
     score_images(model, xb, score, batch_size=batch_size)  # warm-up
@@ -114,8 +115,8 @@ def ood_report(
     """Detection figures of each score: in-distribution ``in_images`` against ``out_images``.
 
     ``out_images`` is one tensor or a dict {name: tensor}. ``scores`` are names, Score objects or
-    score dicts. Scores with statistics are fit on ``reference`` (held-out in-distribution images,
-    required when such a score is asked for; never the OOD images). ``time_batches`` lists batch
+    score dicts. Scores with statistics not yet fitted are fit on ``reference`` (held-out
+    in-distribution images, required then; never the OOD images). ``time_batches`` lists batch
     sizes at which to time each score (median seconds per image over ``time_repeats`` batches).
     A score the model does not support is recorded as skipped with the reason (``skip_unsupported``)
     or raises. Returns {"scores": {name: {"params", "seconds", "ood": {set: {auroc, aupr, fpr95}},
@@ -146,7 +147,7 @@ def ood_report(
             result["scores"][key] = {"skipped": str(exc)}
             continue
         t0 = time.perf_counter()
-        if s.needs_fit:
+        if not s.fitted:
             if reference is None:
                 raise InputError(f"score {s.name!r} is fit on reference images: pass reference= (held-out "
                                  f"in-distribution images)")
@@ -165,7 +166,7 @@ def ood_report(
             "ood": {k: ood_metrics(s_in, v) for k, v in s_out.items()},
         }
         for b in time_batches:
-            entry[f"seconds_per_image_batch{b}"] = _time_per_image(model, s, in_images, b, time_repeats)
+            entry[f"seconds_per_image_batch{b}"] = time_per_image(model, s, in_images, b, time_repeats)
         result["scores"][key] = entry
         hist[key] = (s_in, s_out)
     if png_path is not None and hist:

@@ -14,7 +14,7 @@ name                   score of image x, nats unless stated                needs
 ``complexity``         -log p(x) - L(x), L = PNG length (Serrà et al. 2020)  gaussian_posterior
 ``likelihood_regret``  log p(x; encoder tuned on x) - log p(x) (Xiao et al.)  gaussian_posterior
 ``typicality``         |s(x) - mean_ref s| / std_ref s of a base score      base's, fit
-``ensemble``           sum of squared standardized component scores        components', fit
+``ensemble``           sum_j max(0, z_j)^2 of standardized components      components', fit
 =====================  ==================================================  =====================
 
 The importance-sampled likelihood is :func:`vaekit.evaluation.nll.log_likelihood`; the ELBO's
@@ -363,6 +363,7 @@ class _Standardized(Score):
         raise NotImplementedError
 
     def check_model(self, model):
+        require(model, self.requires, self.name)  # the union of the components' needs
         for c in self._components():
             c.check_model(model)
 
@@ -439,29 +440,38 @@ class Typicality(_Standardized):
         return self.standardized(model, x, y)[0].abs()
 
 
+DEFAULT_ENSEMBLE = ("neg_elbo", {"name": "complexity", "params": {"k": 1}}, "mse")
+
+
 @register_score
 class Ensemble(_Standardized):
-    """Sum of squared standardized component scores: sum_j ((s_j(x) - mean_j) / std_j)^2.
+    """Sum of squared standardized component scores, each counted where it is above its mean.
 
-    Means and stds come from in-distribution reference images only (see ``fit``); with
-    ``one_sided`` names, a component contributes only when it is above its mean (scores where
-    only large values are anomalous, e.g. a distance), as max(0, z)^2.
+        S(x) = sum_j max(0, z_j(x))^2,   z_j = (s_j(x) - mean_j) / std_j
+
+    Means and stds come from in-distribution reference images only (see ``fit``), never from OOD
+    data. Components named in ``two_sided`` count in both directions, as z_j^2 (a score whose
+    unusually *small* values are anomalous too, such as the likelihood of a model that gives
+    simple OOD images a higher likelihood than its data). The default, -ELBO + the input-
+    complexity corrected likelihood + reconstruction MSE, covers each one's blind spot: the
+    likelihood misses simple images (MNIST under a Fashion-MNIST model, all-black images), the
+    complexity correction misses noise (its PNG length is huge), and the MSE misses blank images.
     """
 
     name = "ensemble"
 
-    def __init__(self, components: Any = ("neg_elbo", "mahalanobis"), one_sided: Any = ("mahalanobis",)):
+    def __init__(self, components: Any = DEFAULT_ENSEMBLE, two_sided: Any = ()):
         if isinstance(components, str | Score | dict) or not components:
             raise InputError(f"components must be a non-empty list of scores, got {describe(components)}")
         self.components = [_check_spec(c, "components[i]") for c in components]
         names = [c.name for c in self.components]
         if len(set(names)) != len(names):
             raise InputError(f"components must be distinct scores, got {names}")
-        if isinstance(one_sided, str) or not all(n in names for n in one_sided):
-            raise InputError(f"one_sided must list component names from {names}, got {describe(one_sided)}")
+        if isinstance(two_sided, str) or not all(n in names for n in two_sided):
+            raise InputError(f"two_sided must list component names from {names}, got {describe(two_sided)}")
         if any(c.grad for c in self.components):
             raise InputError("ensemble components must be batched scores (not likelihood_regret)")
-        self.one_sided = [str(n) for n in one_sided]
+        self.two_sided = [str(n) for n in two_sided]
         self.requires = tuple(dict.fromkeys(r for c in self.components for r in c.requires))
         self.stochastic = any(c.stochastic for c in self.components)
 
@@ -470,13 +480,13 @@ class Ensemble(_Standardized):
 
     def params(self):
         return {"components": [score_to_dict(c, state=False) for c in self.components],
-                "one_sided": list(self.one_sided)}
+                "two_sided": list(self.two_sided)}
 
     def compute(self, model, x, y):
         total = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
         for c, z in zip(self.components, self.standardized(model, x, y), strict=True):
             z = z.to(x.device)
-            total += (z.clamp(min=0) if c.name in self.one_sided else z).pow(2)
+            total += (z if c.name in self.two_sided else z.clamp(min=0)).pow(2)
         return total
 
 
@@ -544,19 +554,24 @@ def score_images(model: Any, x: Any, score: Any = "neg_elbo", y: Any = None, *, 
         raise InputError(f"seed must be an integer, got {describe(seed)}")
     device = model.device
     was = model.training
-    model.eval()
+    if was:  # eval() walks every module: skipped when already in eval mode (it matters at batch 1)
+        model.eval()
     out = []
     try:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], enabled=s.stochastic):
             if s.stochastic:
-                torch.manual_seed(seed)
+                # the CPU generator alone (torch.manual_seed also seeds every accelerator backend: 60 us)
+                torch.default_generator.manual_seed(seed)
+                if device.type == "cuda":
+                    torch.cuda.manual_seed(seed)
             with torch.set_grad_enabled(s.grad):
                 for xb, yb in batches(x, y, batch_size):
                     xb = xb.to(device)
                     yb = yb.to(device) if yb is not None else None
                     out.append(s.compute(model, xb, yb).detach().double().cpu())
     finally:
-        model.train(was)
+        if was:
+            model.train(was)
     return torch.cat(out)
 
 
