@@ -222,6 +222,7 @@ def main() -> None:
     p.add_argument("--n-windows", type=int, default=400)
     p.add_argument("--repeats-b1", type=int, default=200)
     p.add_argument("--repeats-b256", type=int, default=5)
+    p.add_argument("--markdown", action="store_true", help="print the README table from bench/results/ood.json")
     p.add_argument("--timing-only", action="store_true",
                    help="re-time every score of an existing bench/results/ood.json (cached models) and update it")
     args = p.parse_args()
@@ -236,6 +237,8 @@ def main() -> None:
     results = {"command": "python bench/ood.py" + (" --quick" if args.quick else ""), "args": vars(args),
                "torch_threads": torch.get_num_threads(), "load_average_at_start": os.getloadavg(),
                "published_fmnist_to_mnist_auroc": PUBLISHED, "directions": {}}
+    if args.markdown:
+        return print(markdown(json.loads((RESULTS / "ood.json").read_text())))
     if args.timing_only:
         return retime(args)
     t0 = time.perf_counter()
@@ -287,6 +290,32 @@ def retime(args) -> None:
     print(json.dumps(results["goal"], indent=2))
     bench = {k: v for k, v in results.items() if k not in ("benchmark", "machine")}
     write_results("ood", bench)
+
+
+def markdown(results: dict) -> str:
+    """The README table: both dataset pairs, the worst corruption, cost, published figures."""
+    d = results["directions"]
+    fm, mf = d["fmnist->mnist"]["scores"], d["mnist->fmnist"]["scores"]
+    lines = ["| score | FMNIST->MNIST AUROC / AUPR / FPR95 | MNIST->FMNIST AUROC / AUPR / FPR95 | worst corruption "
+             "AUROC (FMNIST, MNIST model) | ms/image b1 / b256 | published FMNIST->MNIST AUROC |",
+             "|---|---|---|---|---|---|"]
+    short = {"likelihood_regret": "about 0.99 [2]", "neg_elbo": "0.1-0.87 [1]", "nll (k=100)": "0.1-0.87 [1]"}
+
+    def worst(e: dict, skip: str) -> str:
+        k, v = min(((k, v["auroc"]) for k, v in e["ood"].items() if k != skip), key=lambda t: t[1])
+        return f"{v:.3f} {k}"
+
+    for key in fm:
+        a, b = fm[key]["ood"]["mnist"], mf[key]["ood"]["fashion-mnist"]
+        b1 = max(fm[key]["seconds_per_image_batch1"], mf[key]["seconds_per_image_batch1"]) * 1e3
+        b256 = max(fm[key]["seconds_per_image_batch256"], mf[key]["seconds_per_image_batch256"]) * 1e3
+        bold = "**" if results["goal"][key]["meets_goal"] else ""
+        n = f" ({fm[key]['n_per_set']} images per set)" if "n_per_set" in fm[key] else ""
+        lines.append(f"| `{key}`{n} | {bold}{a['auroc']:.3f}{bold} / {a['aupr']:.3f} / {a['fpr95']:.3f} | "
+                     f"{bold}{b['auroc']:.3f}{bold} / {b['aupr']:.3f} / {b['fpr95']:.3f} | "
+                     f"{worst(fm[key], 'mnist')}, {worst(mf[key], 'fashion-mnist')} | {b1:.3g} / {b256:.3g} | "
+                     f"{short.get(key, '')} |")
+    return "\n".join(lines)
 
 
 def goal(results: dict) -> dict:

@@ -177,7 +177,8 @@ def ood_report(
 
 def save_histograms(hist: dict[str, tuple[np.ndarray, dict[str, np.ndarray]]], path: str | os.PathLike,
                     title: str | None = None) -> Path:
-    """One panel per score: the in-distribution histogram against each OOD set's (PNG, atomic)."""
+    """One panel per score: the in-distribution histogram against each OOD set's (PNG, atomic). The x range
+    is at most twice the in-distribution range beyond it on each side; scores outside land in the edge bins."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -190,6 +191,10 @@ def save_histograms(hist: dict[str, tuple[np.ndarray, dict[str, np.ndarray]]], p
     for ax, (name, (s_in, s_out)) in zip(axes.flat, hist.items(), strict=False):
         allv = np.concatenate([s_in, *s_out.values()])
         lo, hi = np.percentile(allv, [0.5, 99.5])
+        # keep the in-distribution histogram readable: far-away OOD mass piles up in the edge bins
+        in_lo, in_hi = np.percentile(s_in, [0.5, 99.5])
+        span = in_hi - in_lo
+        lo, hi = max(lo, in_lo - 2 * span), min(hi, in_hi + 2 * span)
         if not hi > lo:
             lo, hi = float(allv.min()) - 0.5, float(allv.max()) + 0.5
         bins = np.linspace(lo, hi, 50)
