@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import print_table, write_results  # noqa: E402
 
 from vaekit.data import load_dataset  # noqa: E402
+from vaekit.evaluation.parts import PARTS  # noqa: E402
 from vaekit.evaluation.report import EvalConfig, evaluate_model  # noqa: E402
 from vaekit.models import load_model  # noqa: E402
 from vaekit.training import load_run_config, train  # noqa: E402
@@ -84,26 +85,25 @@ def run_recipe(name: str, args: argparse.Namespace) -> dict:
     return {"recipe": name, "config": spec["config"], "published": spec["published"], **timing, "report": report}
 
 
+SHOWN_PARTS = ("elbo", "nll", "latent", "fid", "mig")  # one column each, as the part summarises itself
+
+
 def row(entry: dict) -> list:
     m = entry["report"]["metrics"]
 
-    def get(part: str, key: str):
-        return m.get(part, {}).get(key)
+    def cell(name: str) -> str:
+        r = m.get(name)
+        if r is None:
+            return "-"
+        if "skipped" in r:
+            return "skipped"
+        return "; ".join(f"{label} {value:.3f}" if isinstance(value, float) else f"{label} {value}"
+                         for label, value in PARTS[name].summary(r))
 
-    nll = m.get("nll", {})
-    nll_s = entry["report"]["timings_s"].get("nll", float("nan"))
-    nll_text = (f"{nll['nll']:.2f} ± {nll['nll_stderr']:.2f} (k={nll['k']}, n={nll['n']}, {nll_s:.0f} s)"
-                if "nll" in nll else "-")
-    mig = m.get("mig", {})
-    mig_text = (f"hist {mig['histogram']['mig_histogram']:.3f} / samp {mig['sampling']['mig_sampling']:.3f}"
-                if "histogram" in mig else "-")
-    fid = m.get("fid", {})
-    fid_text = f"{fid['fid']:.2f} (floor {fid['fid_floor_train_vs_test']:.2f})" if "fid" in fid else \
-        ("skipped" if "skipped" in fid else "-")
     train_min = entry.get("train_time_s", float("nan")) / 60
-    return [entry["recipe"], f"{train_min:.1f} min, {entry.get('epochs', '?')} ep, {entry.get('threads', '?')} thr",
-            get("elbo", "neg_elbo"), nll_text, get("latent", "active_units"), get("latent", "mutual_information"),
-            fid_text, mig_text]
+    nll_s = entry["report"]["timings_s"].get("nll")
+    timing = f"{train_min:.1f} min, {entry.get('epochs', '?')} ep, {entry.get('threads', '?')} thr"
+    return [entry["recipe"], timing + (f"; NLL {nll_s:.0f} s" if nll_s else ""), *map(cell, SHOWN_PARTS)]
 
 
 def main() -> int:
@@ -141,7 +141,7 @@ def main() -> int:
             entries.append(run_recipe(name, args))
     if args.train_only:
         return 0
-    headers = ["recipe", "training", "test -ELBO", "NLL nats", "AU", "MI", "FID", "MIG"]
+    headers = ["recipe", "training", *(PARTS[n].title for n in SHOWN_PARTS)]
     print_table(headers, [row(e) for e in entries])
     for e in entries:
         print(f"  {e['recipe']}: {e['published']}")

@@ -182,7 +182,7 @@ def test_label_guided_config_and_label_checks():
     with pytest.raises(ConfigError, match="label_guided needs model.prior 'mixture'"):
         AAEConfig(label_guided=True, prior="normal")
     m = _model(prior="mixture", label_guided=True, diversity_samples=2)
-    assert m.uses_labels and not m.needs_labels  # labels shape the regularization, not the encoder
+    assert m.uses_labels and not m.conditional  # labels shape the regularization, not the encoder
     assert m.discriminator[0][0].in_features == 2 + 10  # code + one-hot component/class
     with pytest.raises(InputError, match="needs integer class labels y of shape"):
         m(_x(4))

@@ -95,15 +95,15 @@ def test_learned_prior_kl_and_log_prior():
 def test_conditional_sampling():
     m = _model().eval()
     g = lambda: torch.Generator().manual_seed(4)  # noqa: E731
-    imgs = m.sample(3, c=7, generator=g())
+    imgs = m.sample(3, y=7, generator=g())
     eps = torch.randn(3, 3, generator=g())
     assert torch.allclose(imgs, m.decode(eps, torch.full((3,), 7)).mean)
-    assert torch.allclose(m.sample(2, c=torch.tensor([1, 2]), generator=g()),
+    assert torch.allclose(m.sample(2, y=torch.tensor([1, 2]), generator=g()),
                           m.decode(torch.randn(2, 3, generator=g()), torch.tensor([1, 2])).mean)
     assert m.sample(4).shape == (4, 1, 28, 28)  # no condition: classes drawn uniformly
     with pytest.raises(InputError, match="rows"):
-        m.sample(3, c=torch.tensor([1, 2]))
+        m.sample(3, y=torch.tensor([1, 2]))
     v = _model(condition="vector", cond_dim=2)
     with pytest.raises(InputError, match="integer condition"):
-        v.sample(2, c=1)
+        v.sample(2, y=1)
     assert v.sample(2).shape == (2, 1, 28, 28)  # the null condition

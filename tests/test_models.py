@@ -20,6 +20,7 @@ from vaekit.models import (
     build_model,
     load_model,
 )
+from vaekit.nn.distributions import DiagonalGaussian
 from vaekit.training import TrainConfig, Trainer
 from vaekit.training.monitors import MonitorConfig
 
@@ -80,7 +81,7 @@ def _y(model, n=5):
 
 
 def _kw(model, n=5):
-    return {"y": _y(model, n)} if model.needs_labels else {}
+    return {"y": _y(model, n)} if model.conditional else {}
 
 
 def _sample(model, n):
@@ -168,18 +169,116 @@ def test_save_load_round_trip_is_identical(model, tmp_path):
     assert not (tmp_path / ".m.old").exists()
 
 
-def test_bad_input_raises_clear_errors(model):
-    with pytest.raises(InputError, match="shape"):
-        model(torch.rand(2, 784), **_kw(model, 2))
-    with pytest.raises(InputError, match="floating"):
-        model(torch.zeros(2, 1, 28, 28, dtype=torch.uint8), **_kw(model, 2))
+ENTRY_POINTS = ("forward", "encode", "reconstruct", "inspect")
+
+
+def _call(model, entry, x):
+    y = _y(model, len(x)) if model.conditional else None
+    return model(x, y) if entry == "forward" else getattr(model, entry)(x, y)
+
+
+@pytest.mark.parametrize("entry", ENTRY_POINTS)
+def test_every_entry_point_checks_its_input_the_same_way(model, entry):
+    """One check (BaseModel.check_input) behind every entry point: type, dtype, shape, NaN/inf, range."""
+    cases = [
+        (torch.rand(2, 784), "shape"),
+        (torch.zeros(2, 1, 28, 28, dtype=torch.uint8), r"floating.*x.float\(\) / 255"),
+        (torch.zeros(2, 1, 28, 28, dtype=torch.int64), "floating"),
+        (torch.full((2, 1, 28, 28), 255.0), r"\[0, 1\].*divide by 255"),
+        (torch.full((2, 1, 28, 28), -0.5), r"\[0, 1\]"),
+        (torch.zeros(0, 1, 28, 28), "at least one example"),
+    ]
+    nan = torch.rand(2, 1, 28, 28)
+    nan[1, 0, 3, 4] = float("nan")  # one bad pixel is enough
+    inf = torch.rand(2, 1, 28, 28)
+    inf[0, 0, 0, 0] = float("inf")
+    cases += [(nan, "1 NaN or inf value"), (inf, "1 NaN or inf value")]
+    for bad, match in cases:
+        with pytest.raises(InputError, match=match):
+            _call(model, entry, bad)
     with pytest.raises(InputError, match="torch.Tensor"):
-        model([[0.0]])
+        _call(model, entry, [[0.0]])
+
+
+def test_float64_and_float16_inputs_are_converted_to_the_model_dtype(model):
+    model.eval()
+    x = _x(2)
+    ref = model.reconstruct(x, _y(model, 2) if model.conditional else None)
+    for dtype in (torch.float64, torch.float16):
+        got = model.reconstruct(x.to(dtype), _y(model, 2) if model.conditional else None)
+        assert got.dtype == torch.float32
+        tol = 0 if dtype == torch.float64 else 1e-2
+        assert torch.allclose(got, ref, atol=tol)
+
+
+def test_bad_counts_and_latents_raise_clear_errors(model):
     with pytest.raises(InputError, match="positive integer"):
         model.sample(0)
-    if getattr(model.config, "likelihood", "bernoulli") == "bernoulli":  # PixelVAE: Bernoulli only
-        with pytest.raises(InputError, match=r"\[0, 1\]"):
-            model(torch.full((2, 1, 28, 28), 255.0), **_kw(model, 2))
+    if model.discrete_latent:
+        h, w = model.config.grid
+        with pytest.raises(InputError, match="code indices"):
+            model.decode(torch.full((1, h, w), 10**6))
+        with pytest.raises(InputError, match="NaN or inf"):
+            model.decode(torch.full((1, model.config.code_dim, h, w), float("nan")))
+        return
+    D = model.config.latent_dim
+    with pytest.raises(InputError, match=f"shape \\(B, {D}\\)"):
+        model.decode(torch.zeros(2, D + 1))
+    with pytest.raises(InputError, match="NaN or inf"):
+        model.decode(torch.full((2, D), float("nan")))
+    with pytest.raises(InputError, match="floating"):
+        model.decode(torch.zeros(2, D, dtype=torch.int64))
+
+
+def test_one_interface_for_every_family(model):
+    """encode/decode/sample/reconstruct/inspect take ``y`` everywhere; what comes back follows the declared
+    capabilities (never probed)."""
+    model.eval()
+    x = _x(3)
+    y = _y(model, 3) if model.conditional else None
+    caps = model.capabilities()
+    assert set(caps) == {"conditional", "gaussian_posterior", "defines_elbo", "discrete_latent", "has_prior_sampler"}
+    code = model.encode(x, y)
+    if model.discrete_latent:
+        assert code.dtype == torch.int64 and code.shape == (3, *model.config.grid)
+    else:
+        assert code.mean.shape == (3, model.config.latent_dim)
+        assert isinstance(code, DiagonalGaussian) == model.gaussian_posterior
+    assert not (model.defines_elbo and not model.gaussian_posterior)  # an ELBO needs a posterior density
+    lik = model.decode(code if model.discrete_latent else code.mean, y)
+    assert lik.log_prob(x).shape == (3,) and lik.mean.shape == x.shape
+    ins = model.inspect(x, y)
+    assert torch.allclose(ins.reconstruction, model.reconstruct(x, y), atol=1e-6)
+    assert torch.allclose(ins.recon_nats, -lik.log_prob(x), atol=1e-4)
+    assert torch.allclose(ins.recon_mse, (x - ins.reconstruction).pow(2).mean((1, 2, 3)), atol=1e-6)
+    assert ins.latent_norm.shape == (3,) and bool((ins.latent_norm >= 0).all())
+    assert (ins.kl is not None) == model.defines_elbo and (ins.codes is not None) == model.discrete_latent
+    if model.defines_elbo:
+        assert bool((ins.kl >= -1e-5).all())
+        if not getattr(model.config, "learned_prior", False):  # KL to N(0, I) in closed form
+            assert torch.allclose(ins.kl, code.kl().sum(1), atol=1e-5)
+    if not model.discrete_latent:
+        assert torch.allclose(ins.latent_norm, code.mean.norm(dim=1), atol=1e-6)
+    assert _sample_y(model, 2, y).shape == (2, 1, 28, 28)
+    if model.has_prior_sampler:
+        assert model.sample_prior(4).shape == (4, model.config.latent_dim)
+
+
+def _sample_y(model, n, y):
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "the VQ-VAE's code prior has not been trained")
+        return model.sample(n, y[:n] if y is not None else None)
+
+
+def test_a_conditional_model_uses_y_and_an_unconditional_one_ignores_it(model):
+    model.eval()
+    x = _x(3)
+    y = _y(model, 3)
+    if model.conditional:
+        other = _y(model, 3).roll(1, 0) if not y.is_floating_point() else y + 1
+        assert not torch.allclose(model.reconstruct(x, y), model.reconstruct(x, other))
+    else:
+        assert torch.equal(model.reconstruct(x, y), model.reconstruct(x))
 
 
 def _synthetic_dataset(n_train=96, n_test=32):

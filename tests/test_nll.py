@@ -10,6 +10,7 @@ from vaekit.errors import InputError
 from vaekit.evaluation.nll import NLLAccumulator, log_likelihood, nll, supports_nll
 from vaekit.models import VAE, VAEConfig
 from vaekit.nn.distributions import DiagonalGaussian, GaussianLikelihood
+from vaekit.objectives.likelihoods import log_standard_normal
 
 D_Z, SIGMA = 2, 0.5
 SHAPE = (1, 2, 2)  # x has 4 dimensions
@@ -23,7 +24,8 @@ class LinearGaussian(nn.Module):
     the importance weights vary and the estimator has work to do.
     """
 
-    needs_labels = False
+    conditional = False  # the flags of the model interface (vaekit.models.base.BaseModel)
+    defines_elbo = True
 
     def __init__(self, inflate: float = 1.5, shift: float = 0.1):
         super().__init__()
@@ -40,10 +42,13 @@ class LinearGaussian(nn.Module):
         logvar = torch.log(torch.diagonal(self.S) * self.inflate).expand_as(mean)
         return mean, logvar
 
-    def encode(self, x):
+    def encode(self, x, y=None):
         return DiagonalGaussian(*self.posterior_params(x))
 
-    def decode(self, z):
+    def log_prior(self, z, y=None):
+        return log_standard_normal(z)
+
+    def decode(self, z, y=None):
         mean = (z @ self.W.T + self.b).reshape(*z.shape[:-1], *SHAPE)
         return GaussianLikelihood(mean, torch.tensor(math.log(SIGMA), dtype=torch.float64))
 
@@ -161,8 +166,10 @@ def test_bad_arguments_raise_clear_errors():
             log_likelihood(model, x, k=bad)
     with pytest.raises(InputError, match="max_samples"):
         log_likelihood(model, x, k=2, max_samples=0)
-    with pytest.raises(InputError, match="encode"):
-        nll(object(), [x], k=2)
+    from vaekit.models import VQVAE
+
+    with pytest.raises(InputError, match="defines no ELBO"):
+        nll(VQVAE(), [x], k=2)
     with pytest.raises(InputError, match="no batches"):
         nll(model, [], k=2)
     with pytest.raises(InputError, match="1-D"):

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 from pathlib import Path
 
 import torch
 
-from vaekit.cli.common import data_for, open_model, print_table, write_json
+from vaekit.cli.common import check_output_path, data_for, open_model, print_table, write_json
 from vaekit.data.dataset import eval_loader
+from vaekit.errors import InputError
 from vaekit.evaluation.elbo import evaluate_elbo
 
 
@@ -26,10 +28,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data-dir", help="directory holding the dataset files")
     p.add_argument("--batch-size", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0, help="seed of the posterior samples")
-    p.add_argument("-o", "--out", help="JSON file to write (default: RUN/eval.json for a run folder)")
+    p.add_argument("-o", "--out", help="JSON file to write (default: RUN/eval.json for a run folder; with "
+                   "--metrics, the report JSON, with its Markdown and images beside it)")
     p.add_argument("--metrics", help="comma-separated parts of the evaluation suite to run and report: "
                    "elbo,latent,nll,recon,fid,mig,images or all (default: ELBO only, no report)")
-    p.add_argument("--report-dir", help="report folder (default: RUN/report, or MODEL/report)")
+    p.add_argument("--report-dir", help="report folder (default: the folder of -o, else RUN/report, else a "
+                   "MODEL-report folder beside a model folder: nothing is written into a model folder unasked)")
     p.add_argument("-k", type=int, default=5000, help="importance samples per example for the NLL")
     p.add_argument("--nll-examples", type=int, help="first N test examples for the NLL (default: all)")
     p.add_argument("--examples", type=int, help="evaluate every part on the first N test examples (default: all)")
@@ -44,6 +48,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
+    # a bad output path fails here, before minutes of evaluation
+    if args.out:
+        check_output_path(args.out)
+    if args.report_dir:
+        check_output_path(Path(args.report_dir) / "report.json", option="--report-dir")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, meta, run_dir = open_model(args.model, device)
     ds, data_cfg = data_for(meta, args.dataset, args.data_dir)
@@ -70,36 +79,43 @@ def run(args: argparse.Namespace) -> int:
 
 
 def run_report(args: argparse.Namespace, model, ds, data_cfg: dict, run_dir: Path | None) -> int:
-    from vaekit.evaluation.report import EvalConfig, evaluate_model
+    from vaekit.evaluation.report import EvalConfig, evaluate_model, summary_rows
 
     metrics = tuple(m.strip() for m in args.metrics.split(",") if m.strip())
     config = EvalConfig(metrics=metrics, k=args.k, nll_examples=args.nll_examples, fid_samples=args.fid_samples,
                         mig_sampling_images=args.mig_images or None, batch_size=args.batch_size, seed=args.seed,
                         extractor_path=args.extractor, test_examples=args.examples)
-    model_dir = Path(args.model) if run_dir is None else run_dir
-    out = Path(args.report_dir) if args.report_dir else model_dir / "report"
+    out, stem = report_location(args, run_dir)
     binarize = data_cfg.get("binarize", "none")
     print(f"evaluating {args.model} on {ds.name} (test split, binarize={binarize}): {', '.join(config.metrics)}")
-    report = evaluate_model(model, ds, out, config, binarize=binarize, name=str(args.model), progress=True)
-    rows = []
+    report = evaluate_model(model, ds, out, config, binarize=binarize, name=str(args.model), progress=True,
+                            stem=stem)
     m = report["metrics"]
-    for part, res in m.items():
-        if "skipped" in res:
-            rows.append((part, f"skipped: {res['skipped']}"))
-    if "neg_elbo" in m.get("elbo", {}):
-        rows += [("-ELBO", m["elbo"]["neg_elbo"]), ("KL", m["elbo"]["kl"])]
-    if "nll" in m.get("nll", {}):
-        rows += [(f"NLL (k={m['nll']['k']})", f"{m['nll']['nll']:.3f} +- {m['nll']['nll_stderr']:.3f} nats, "
-                  f"{m['nll']['bits_per_dim']:.4f} bits/dim")]
-    if "active_units" in m.get("latent", {}):
-        rows += [("active units", m["latent"]["active_units"]), ("I(x; z)", m["latent"]["mutual_information"])]
-    if "mse" in m.get("recon", {}):
-        rows += [("MSE", m["recon"]["mse"]), ("SSIM", m["recon"]["ssim"])]
-    if "fid" in m.get("fid", {}):
-        rows += [("FID", m["fid"]["fid"]), ("FID floor (train vs test)", m["fid"]["fid_floor_train_vs_test"])]
-    for est in ("histogram", "sampling"):
-        if est in m.get("mig", {}):
-            rows.append((f"MIG ({est} estimator)", m["mig"][est][f"mig_{est}"]))
+    skipped = {part: res["skipped"] for part, res in m.items() if "skipped" in res}
+    rows = summary_rows(report)
     print_table(rows, "results (nats per example)")
-    print(f"wrote {out / 'report.json'} and {out / 'report.md'}")
+    print(f"wrote {out / (stem + '.json')} and {out / (stem + '.md')}")
+    if len(skipped) == len(m):  # nothing asked for could run: a script must not read this as success
+        why = "; ".join(f"{part}: {reason}" for part, reason in skipped.items())
+        print(f"error: none of the requested metrics could run ({why})", file=sys.stderr)
+        return 1
     return 0
+
+
+def report_location(args: argparse.Namespace, run_dir: Path | None) -> tuple[Path, str]:
+    """(report folder, file stem): ``--report-dir``, else the folder and name of ``-o``, else RUN/report,
+    else ``MODEL-report`` beside a plain model folder (a model folder is an artifact: never written into)."""
+    stem = "report"
+    if args.out:
+        o = Path(args.out)
+        if o.suffix != ".json":
+            raise InputError(f"-o must name a .json file, got {str(o)!r}")
+        stem = o.stem
+    if args.report_dir:
+        return Path(args.report_dir), stem
+    if args.out:
+        return Path(args.out).parent, stem
+    if run_dir is not None:
+        return run_dir / "report", stem
+    model = Path(args.model)
+    return model.parent / f"{model.name}-report", stem

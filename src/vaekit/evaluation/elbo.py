@@ -42,9 +42,8 @@ def evaluate_elbo(
             b = x.shape[0]
             for name, value in out.terms().items():
                 sums[name] = sums.get(name, 0.0) + value.detach().double() * b
-            kpd = getattr(out, "kl_per_dim", None)
-            if kpd is not None:
-                kl_dim = (kl_dim if kl_dim is not None else 0.0) + kpd.detach().double() * b
+            if model.defines_elbo:  # its output carries the KL of every latent dimension
+                kl_dim = (kl_dim if kl_dim is not None else 0.0) + out.kl_per_dim.detach().double() * b
             n += b
     model.train(was_training)
     if n == 0:

@@ -232,7 +232,9 @@ def dsprites_mig(model: Any, n_histogram: int = 10000, n_sampling: int | None = 
     """
     from vaekit.data.dsprites import FACTOR_NAMES, FACTOR_SIZES, NUM_IMAGES, factor_classes
 
-    shape = getattr(model, "input_shape", None)
+    shape = model.input_shape
+    if model.discrete_latent:
+        raise InputError(f"dsprites_mig needs continuous codes (B, D); {type(model).__name__} has a discrete latent")
     if shape != (1, 64, 64):
         raise InputError(f"dsprites_mig needs a model of input shape (1, 64, 64), got {shape}")
     rng = np.random.default_rng(seed)

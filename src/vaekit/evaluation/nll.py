@@ -24,36 +24,18 @@ MAX_K = 100_000
 
 
 def supports_nll(model: Any) -> tuple[bool, str]:
-    """(True, "") if ``model`` has a Gaussian-style posterior and a decoder with ``log_prob``; else (False, why)."""
-    for attr in ("encode", "decode"):
-        if not callable(getattr(model, attr, None)):
-            return False, f"{type(model).__name__} has no {attr}() method"
-    if getattr(model, "has_posterior", True) is False:
-        return False, f"{type(model).__name__} declares no probabilistic posterior (has_posterior = False)"
-    return True, ""
-
-
-@torch.no_grad()
-def probe_posterior(model: Any, x: torch.Tensor, y: torch.Tensor | None = None) -> tuple[bool, str]:
-    """(True, "") if ``model.encode(x)`` returns a posterior with ``rsample`` and ``log_prob``; else (False, why).
-
-    Used to skip the NLL (with the reason) for families whose encoder is not probabilistic.
-    """
-    ok, why = supports_nll(model)
-    if not ok:
-        return ok, why
-    q = model.encode(x, y) if y is not None else model.encode(x)
-    missing = [a for a in ("rsample", "log_prob") if not callable(getattr(q, a, None))]
-    if missing:
-        return False, f"{type(model).__name__}.encode returns {type(q).__name__}, which has no {', '.join(missing)}"
+    """(True, "") if ``model`` declares ``defines_elbo`` (a posterior density, a prior and a decoder
+    likelihood, see :class:`vaekit.models.base.BaseModel`); else (False, why)."""
+    if not model.defines_elbo:
+        return False, (f"{type(model).__name__} defines no ELBO (no posterior density and prior), "
+                       "so the importance-sampled NLL does not apply")
     return True, ""
 
 
 def _check_model(model: Any) -> None:
     ok, why = supports_nll(model)
     if not ok:
-        raise InputError(f"the importance-sampled NLL needs a model with encode(x) -> posterior (rsample, log_prob) "
-                         f"and decode(z) -> likelihood (log_prob): {why}")
+        raise InputError(f"the importance-sampled NLL needs a model that defines an ELBO: {why}")
 
 
 def _check_k(k: Any) -> int:
@@ -175,11 +157,10 @@ def nll(
     if max_examples is not None and (isinstance(max_examples, bool) or not isinstance(max_examples, int)
                                      or max_examples < 1):
         raise InputError(f"max_examples must be a positive integer or None, got {describe(max_examples)}")
-    was_training = getattr(model, "training", False)
-    if hasattr(model, "eval"):
-        model.eval()
-    device = getattr(model, "device", torch.device("cpu"))
-    needs_labels = bool(getattr(model, "needs_labels", False))
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    conditional = model.conditional
     acc: NLLAccumulator | None = None
     seen = 0
     devices = [device] if device.type == "cuda" else []
@@ -194,16 +175,15 @@ def nll(
                 if acc is None:
                     acc = NLLAccumulator(math.prod(x.shape[1:]))
                 x = x.to(device)
-                labels = y.to(device) if (needs_labels and y is not None) else None
-                if needs_labels and labels is None:
+                labels = y.to(device) if (conditional and y is not None) else None
+                if conditional and labels is None:
                     raise InputError(f"{type(model).__name__} is conditional: batches must yield (x, y) pairs")
                 acc.update(log_likelihood(model, x, k, y=labels, max_samples=max_samples))
                 seen += x.shape[0]
                 if max_examples is not None and seen >= max_examples:
                     break
     finally:
-        if hasattr(model, "train"):
-            model.train(was_training)
+        model.train(was_training)
     if acc is None:
         raise InputError("nll received no batches")
     result: dict[str, Any] = {**acc.compute(), "k": k}

@@ -81,7 +81,7 @@ def reconstruction_metrics(model: Any, batches: Iterable[Any], max_examples: int
     """
     acc = ReconstructionMetrics()
     seen = 0
-    was = getattr(model, "training", False)
+    was = model.training
     model.eval()
     try:
         for batch in batches:

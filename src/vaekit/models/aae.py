@@ -166,7 +166,7 @@ class AAE(BaseModel):
     """Adversarial autoencoder with a deterministic or Gaussian encoder and a discriminator on z."""
 
     config_class = AAEConfig
-    has_posterior = False  # no q(z|x) with a density: the importance-sampled NLL does not apply
+    has_prior_sampler = True  # no ELBO: the prior need not have a density, so KL and the NLL do not apply
     custom_train_step = True
 
     def __init__(self, config: AAEConfig | None = None):
@@ -242,15 +242,27 @@ class AAE(BaseModel):
         return (z, comp.to(self.device) if comp is not None else None) if return_components else z
 
     # -- pieces -----------------------------------------------------------------------------------
-    def encode(self, x: torch.Tensor) -> PointMass | DiagonalGaussian:
-        """The code distribution for x (B, C, H, W): a point mass or a DiagonalGaussian, mean (B, D)."""
+    @property
+    def gaussian_posterior(self) -> bool:  # type: ignore[override]
+        """True with ``encoder: gaussian`` (q(z|x) is a DiagonalGaussian); a deterministic encoder gives a point."""
+        return self.config.encoder == "gaussian"
+
+    def encode(self, x: torch.Tensor, y: Any = None) -> PointMass | DiagonalGaussian:
+        """The code distribution for x (B, C, H, W): a point mass or a DiagonalGaussian, mean (B, D).
+        ``y`` is ignored (a label-guided AAE uses labels in its training terms only)."""
+        return self._encode(self.check_input(x))
+
+    def _encode(self, x: torch.Tensor) -> PointMass | DiagonalGaussian:
         h = self.encoder(x)
         if self.config.encoder == "gaussian":
             return DiagonalGaussian(self.to_mean(h), self.to_logvar(h))
         return PointMass(self.to_mean(h))
 
-    def decode(self, z: torch.Tensor) -> BernoulliLikelihood | GaussianLikelihood:
-        """p(x|z) for z (..., D); extra leading dims of z are kept."""
+    def decode(self, z: torch.Tensor, y: Any = None) -> BernoulliLikelihood | GaussianLikelihood:
+        """p(x|z) for z (..., B, D); extra leading dims of z are kept. ``y`` is ignored."""
+        return self._decode(self.check_latent(z))
+
+    def _decode(self, z: torch.Tensor) -> BernoulliLikelihood | GaussianLikelihood:
         lead = z.shape[:-1]
         out = self.decoder(z.reshape(-1, z.shape[-1])).view(*lead, *self.config.input_shape)
         return self.likelihood_from(out)
@@ -293,7 +305,7 @@ class AAE(BaseModel):
     @torch.no_grad()
     def _monitors(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         au = (z.detach().var(0, unbiased=False) > 0.01).sum().float() if z.shape[0] > 1 else z.new_zeros(())
-        imgs = self.decode(self.sample_prior(self.config.diversity_samples)).mean
+        imgs = self._decode(self.sample_prior(self.config.diversity_samples)).mean
         return au, sample_diversity(imgs)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None, *, check: bool = True) -> AAEOutput:
@@ -303,12 +315,10 @@ class AAE(BaseModel):
         ``loss`` = recon + gen_loss is the autoencoder's objective; the
         discriminator's own objective is ``disc_loss``. Training uses :meth:`train_step`.
         """
-        self.check_input(x)
-        if check:
-            self.check_targets(x)
+        x = self.check_input(x, values=check)
         y = self.check_labels(y, x.shape[0]) if self.config.label_guided else None
-        z = self.encode(x).rsample()
-        recon_pe = -self.decode(z).log_prob(x)
+        z = self._encode(x).rsample()
+        recon_pe = -self._decode(z).log_prob(x)
         z_real, y_real = self.sample_prior(x.shape[0], return_components=True)
         d_loss, d_acc = self._disc_terms(z.detach(), z_real, y, y_real)
         g_loss = self._gen_loss(z, y)
@@ -324,22 +334,20 @@ class AAE(BaseModel):
 
         ``net`` (possibly DDP-wrapped) is not called: each phase averages its own gradients over ranks.
         """
-        self.check_input(x)
-        if forward_kwargs.get("check", True):
-            self.check_targets(x)
+        x = self.check_input(x, values=forward_kwargs.get("check", True))
         y = self.check_labels(y, x.shape[0]) if self.config.label_guided else None
         ae, gen, disc = optimizers["autoencoder"], optimizers["generator"], optimizers["discriminator"]
         # 1. reconstruction
         ae.zero_grad(set_to_none=True)
-        z = self.encode(x).rsample()
-        recon_pe = -self.decode(z).log_prob(x)
+        z = self._encode(x).rsample()
+        recon_pe = -self._decode(z).log_prob(x)
         recon = recon_pe.mean()
         recon.backward()
         _sync_grads(self.autoencoder_parameters())
         ae.step()
         # 2a. regularization: the discriminator
         with torch.no_grad():
-            z_fake = self.encode(x).rsample()
+            z_fake = self._encode(x).rsample()
         for _ in range(self.config.disc_steps):
             disc.zero_grad(set_to_none=True)
             z_real, y_real = self.sample_prior(x.shape[0], return_components=True)
@@ -351,7 +359,7 @@ class AAE(BaseModel):
         gen.zero_grad(set_to_none=True)
         self.discriminator.requires_grad_(False)
         try:
-            z = self.encode(x).rsample()
+            z = self._encode(x).rsample()
             g_loss = self._gen_loss(z, y)
             g_loss.backward()
         finally:
@@ -365,12 +373,11 @@ class AAE(BaseModel):
 
     # -- generation ---------------------------------------------------------------------------------
     @torch.no_grad()
-    def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """``n`` images (n, C, H, W): decoder means at z ~ p(z)."""
-        return self.decode(self.sample_prior(n, generator)).mean
+    def sample(self, n: int, y: Any = None, generator: torch.Generator | None = None) -> torch.Tensor:
+        """``n`` images (n, C, H, W): decoder means at z ~ p(z). ``y`` is ignored."""
+        return self._decode(self.sample_prior(n, generator)).mean
 
     @torch.no_grad()
-    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+    def reconstruct(self, x: torch.Tensor, y: Any = None) -> torch.Tensor:
         """Decoder mean at the code's mean, (B, C, H, W)."""
-        self.check_input(x)
-        return self.decode(self.encode(x).mean).mean
+        return self._decode(self.encode(x).mean).mean

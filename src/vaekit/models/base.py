@@ -1,14 +1,14 @@
 """The interface every model family implements, its registry, and the on-disk format.
 
-A saved model is a folder holding ``config.json`` (family name, the model config,
-format version, optional extra metadata) and ``model.safetensors`` (weights), plus
-``metrics.json`` when evaluation figures are attached. No pickled code, ever:
-loading looks the family up in :data:`MODEL_REGISTRY` and rebuilds the class.
+A saved model is an artifact of kind ``model`` (:mod:`vaekit.artifact`): ``config.json`` (the
+model config, its ``family`` included, and metadata), ``model.safetensors`` (weights), optional
+``metrics.json`` and a ``manifest.json`` with the sha256 of every file, verified on load. No
+pickled code, ever: loading looks the family up in :data:`MODEL_REGISTRY` and rebuilds the class.
 """
 
 from __future__ import annotations
 
-import json
+import math
 import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -16,17 +16,26 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-from vaekit.atomic import atomic_folder
+from vaekit.artifact import (
+    Artifact,
+    check_device,
+    config_from_artifact,
+    load_module_state,
+    read_artifact,
+    write_artifact,
+)
 from vaekit.config import from_dict, to_dict
 from vaekit.errors import ConfigError, InputError, ModelFormatError, describe
-from vaekit.nn.distributions import BernoulliLikelihood, GaussianLikelihood
+from vaekit.nn.distributions import BernoulliLikelihood, DiagonalGaussian, GaussianLikelihood
+from vaekit.objectives.likelihoods import log_standard_normal
 
-FORMAT = "vaekit-model"
-FORMAT_VERSION = 1
+MODEL_KIND = "model"  # the artifact kind of a saved model
+FORMAT = "vaekit-model"  # config.json's format in version 1 folders (before the manifest), still read
+FORMAT_VERSION = 2  # the artifact format version models are written in (vaekit.artifact.FORMAT_VERSION)
 MODEL_REGISTRY: dict[str, type[BaseModel]] = {}
+CAPABILITIES = ("conditional", "gaussian_posterior", "defines_elbo", "discrete_latent", "has_prior_sampler")
 
 
 def register_model(name: str):
@@ -63,12 +72,41 @@ class ModelOutput:
         return {"loss": self.loss, "recon": self.recon}
 
 
+@dataclass
+class Inspection:
+    """Per-example statistics of one deterministic pass (encode, decode at the posterior mean).
+
+    What monitoring, anomaly scores and the reference profile read; ``B`` is the batch size.
+    """
+
+    reconstruction: torch.Tensor  # (B, C, H, W) decoder mean at the posterior mean (= reconstruct(x))
+    recon_nats: torch.Tensor  # (B,) -log p(x | z = posterior mean), nats summed over pixels
+    recon_mse: torch.Tensor  # (B,) mean over pixels of (x - reconstruction)^2
+    latent_norm: torch.Tensor  # (B,) ||posterior mean||_2 (VQ-VAE: mean over grid cells of ||z_e||_2)
+    latent: torch.Tensor | None = None  # (B, D) posterior mean (a point code for a deterministic AAE)
+    logvar: torch.Tensor | None = None  # (B, D) posterior log-variance, Gaussian posteriors only
+    kl: torch.Tensor | None = None  # (B,) KL(q(z|x) || p(z)) nats, families that define an ELBO only
+    codes: torch.Tensor | None = None  # (B, h, w) int64 code indices, discrete-latent families only
+
+
 class BaseModel(nn.Module, ABC):
-    """Shared interface: ``forward(x) -> ModelOutput``, ``sample``, ``reconstruct``, save/load.
+    """The interface every family implements, whatever its latent:
+
+    ``encode(x, y=None)``, ``decode(z, y=None)``, ``sample(n, y=None, generator=None)``,
+    ``reconstruct(x, y=None)``, ``inspect(x, y=None)`` and ``forward(x, y=None) -> ModelOutput``.
+    ``y`` is the condition of a conditional family and is ignored by the others, so one call
+    serves every family. What a family can do is declared on its class (never probed):
+
+    * ``conditional``: encode/decode/reconstruct/sample/forward use the condition ``y``.
+    * ``gaussian_posterior``: ``encode`` returns a :class:`DiagonalGaussian` q(z|x) (``mean``,
+      ``logvar``, ``kl()``, ``rsample``, ``log_prob``).
+    * ``defines_elbo``: a prior density p(z) and an ELBO: ``inspect`` reports the KL and the
+      importance-sampled NLL applies (``log_prior(z, y)`` when the prior is not N(0, I)).
+    * ``discrete_latent``: ``encode`` returns code indices (B, h, w) int64 (VQ-VAE).
+    * ``has_prior_sampler``: ``sample_prior(n, generator)`` draws z ~ p(z), (n, D) (AAE).
 
     Hooks the trainer uses (override where a family needs them):
 
-    * ``needs_labels``: the trainer passes ``y=labels`` to ``forward`` (conditional models).
     * ``supports_kl_control``: ``forward`` accepts ``kl_control=KLControl(...)`` (schedules,
       free bits, capacity); families without a Gaussian KL term leave it False.
     * ``configure_optimizers(cfg)``: named optimizers (default: one Adam over all parameters).
@@ -79,7 +117,11 @@ class BaseModel(nn.Module, ABC):
 
     family: ClassVar[str] = ""
     config_class: ClassVar[type]
-    needs_labels: ClassVar[bool] = False
+    conditional: ClassVar[bool] = False
+    gaussian_posterior: ClassVar[bool] = False
+    defines_elbo: ClassVar[bool] = False
+    discrete_latent: ClassVar[bool] = False
+    has_prior_sampler: ClassVar[bool] = False
     supports_kl_control: ClassVar[bool] = False
     custom_train_step: ClassVar[bool] = False
 
@@ -96,17 +138,60 @@ class BaseModel(nn.Module, ABC):
                               f"got {type(config).__name__}")
         return config
 
+    def capabilities(self) -> dict[str, bool]:
+        """The declared capability flags, by name (what the registry and the service report)."""
+        return {name: bool(getattr(self, name)) for name in CAPABILITIES}
+
     # -- interface -------------------------------------------------------------------------------
     @abstractmethod
-    def forward(self, x: torch.Tensor, **kwargs: Any) -> ModelOutput: ...
+    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None, **kwargs: Any) -> ModelOutput: ...
 
     @abstractmethod
-    def sample(self, n: int) -> torch.Tensor:
+    def encode(self, x: torch.Tensor, y: Any = None) -> Any:
+        """The latent of x (B, C, H, W): a posterior (``mean`` (B, D)), or code indices (B, h, w)."""
+
+    @abstractmethod
+    def decode(self, z: torch.Tensor, y: Any = None) -> Any:
+        """p(x|z): a likelihood with ``log_prob(x)`` -> (..., B) nats and ``mean`` (..., C, H, W)."""
+
+    @abstractmethod
+    def sample(self, n: int, y: Any = None, generator: torch.Generator | None = None) -> torch.Tensor:
         """``n`` generated images, (n, C, H, W), as the decoder's mean."""
 
     @abstractmethod
-    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+    def reconstruct(self, x: torch.Tensor, y: Any = None) -> torch.Tensor:
         """Decoder mean at the posterior mean, same shape as ``x``."""
+
+    @torch.no_grad()
+    def inspect(self, x: torch.Tensor, y: Any = None) -> Inspection:
+        """Per-example reconstruction error, latent statistics and KL of x (B, C, H, W) in one pass.
+
+        ``reconstruction`` equals :meth:`reconstruct`; ``recon_nats`` is -log p(x|z) at the
+        posterior mean (not the ELBO's sampled term), so the figures are deterministic.
+        """
+        x = self.check_input(x)
+        posterior = self.encode(x, y)
+        mean = posterior.mean  # (B, D)
+        lik = self._decode_at(mean, y)
+        recon = lik.mean
+        gaussian = isinstance(posterior, DiagonalGaussian)
+        kl = self.kl_per_example(posterior, y) if self.defines_elbo else None
+        return Inspection(
+            reconstruction=recon, recon_nats=-lik.log_prob(x), recon_mse=(x - recon).pow(2).flatten(1).mean(1),
+            latent_norm=mean.norm(dim=1), latent=mean, logvar=posterior.logvar if gaussian else None, kl=kl,
+        )
+
+    def _decode_at(self, z: torch.Tensor, y: Any) -> Any:
+        """The likelihood used for reconstructions at ``z`` (a family with stochastic decoding fixes its seed)."""
+        return self.decode(z, y)
+
+    def log_prior(self, z: torch.Tensor, y: Any = None) -> torch.Tensor:
+        """log p(z) summed over D: z (..., B, D) -> (..., B); N(0, I) unless the family overrides it."""
+        return log_standard_normal(z)
+
+    def kl_per_example(self, posterior: DiagonalGaussian, y: Any = None) -> torch.Tensor:
+        """KL(q(z|x) || p(z)) per example, (B,) nats; N(0, I) prior unless the family overrides it."""
+        return posterior.kl().sum(1)
 
     # -- training hooks --------------------------------------------------------------------------
     def configure_optimizers(self, cfg: Any) -> dict[str, torch.optim.Optimizer]:
@@ -124,9 +209,9 @@ class BaseModel(nn.Module, ABC):
 
     @property
     def uses_labels(self) -> bool:
-        """True when ``forward(x, y=labels)`` makes use of labels given to it (always when ``needs_labels``;
+        """True when ``forward(x, y=labels)`` makes use of labels given to it (always when ``conditional``;
         a label-guided AAE uses them in its regularization terms only). Evaluation passes them then."""
-        return self.needs_labels
+        return self.conditional
 
     def on_train_data(self, n_train: int) -> None:
         """Called with the number of training examples before training starts."""
@@ -139,28 +224,49 @@ class BaseModel(nn.Module, ABC):
     def device(self) -> torch.device:
         return next(self.parameters()).device
 
-    def check_input(self, x: Any, name: str = "x") -> torch.Tensor:
-        """Raise InputError unless ``x`` is a float tensor (B, *input_shape)."""
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    def check_input(self, x: Any, name: str = "x", *, values: bool = True) -> torch.Tensor:
+        """The one input check of every entry point: x must be a float tensor (B, *input_shape) of finite
+        values in [0, 1]; returns it in the model's dtype (other float dtypes are converted).
+
+        ``values=False`` skips the pass over the values (NaN/inf and range), for a caller whose data is
+        known good (the trainer's loader). Raises InputError naming what is wrong.
+        """
+        want = ", ".join(map(str, self.input_shape))
         if not isinstance(x, torch.Tensor):
-            raise InputError(f"{name} must be a torch.Tensor of shape (B, {self.input_shape}), got {type(x).__name__}")
+            raise InputError(f"{name} must be a torch.Tensor of shape (B, {want}), got {type(x).__name__}")
         if not x.is_floating_point():
-            raise InputError(f"{name} must be a floating-point tensor (values in [0, 1]), got dtype {x.dtype}")
+            hint = " (8-bit images: pass x.float() / 255)" if x.dtype == torch.uint8 else ""
+            raise InputError(f"{name} must be a floating-point tensor of values in [0, 1], got dtype {x.dtype}{hint}")
         if x.ndim != len(self.input_shape) + 1 or tuple(x.shape[1:]) != self.input_shape:
-            want = ", ".join(map(str, self.input_shape))
             raise InputError(f"{name} must have shape (B, {want}), got {tuple(x.shape)}")
         if x.shape[0] == 0:
             raise InputError(f"{name} must hold at least one example, got batch size 0")
+        dtype = self.dtype
+        if x.dtype != dtype:
+            x = x.to(dtype)
+        if values:
+            check_unit_range(x, name)
         return x
 
-    def check_targets(self, x: torch.Tensor) -> None:
-        """Raise InputError unless x lies in [0, 1] where the likelihood is Bernoulli (one pass over x).
+    def check_latent(self, z: Any, name: str = "z") -> torch.Tensor:
+        """z must be a float tensor (..., latent_dim) of finite values; returns it in the model's dtype."""
+        D = self.config.latent_dim
+        if not isinstance(z, torch.Tensor) or not z.is_floating_point():
+            got = f"dtype {z.dtype}" if isinstance(z, torch.Tensor) else type(z).__name__
+            raise InputError(f"{name} must be a floating-point tensor of shape (..., {D}), got {got}")
+        if z.ndim < 1 or z.shape[-1] != D or z.numel() == 0:
+            raise InputError(f"{name} must have shape (B, {D}) (or (..., B, {D})), got {tuple(z.shape)}")
+        if not bool(torch.isfinite(z).all()):
+            raise InputError(f"{name} holds {int((~torch.isfinite(z)).sum())} NaN or inf values")
+        return z.to(self.dtype) if z.dtype != self.dtype else z
 
-        Families without a ``likelihood`` config field are Bernoulli.
-        """
-        if getattr(self.config, "likelihood", "bernoulli") == "bernoulli":
-            lo, hi = torch.aminmax(x.detach())
-            if lo < 0 or hi > 1:
-                raise InputError(f"x must lie in [0, 1] for a Bernoulli likelihood, got values in [{lo:.4g}, {hi:.4g}]")
+    def check_targets(self, x: torch.Tensor) -> None:
+        """Raise InputError unless x holds finite values in [0, 1] (one pass over x)."""
+        check_unit_range(x, "x")
 
     def likelihood_from(self, out: torch.Tensor) -> BernoulliLikelihood | GaussianLikelihood:
         """p(x|z) from the decoder's output (..., C, H, W): logits for a Bernoulli likelihood, the mean
@@ -178,33 +284,25 @@ class BaseModel(nn.Module, ABC):
     # -- persistence -----------------------------------------------------------------------------
     def save(self, path: str | os.PathLike, metadata: dict[str, Any] | None = None,
              metrics: dict[str, Any] | None = None) -> Path:
-        """Write the model folder atomically (a half-written folder never replaces a good one)."""
-        path = Path(path)
-        with atomic_folder(path) as tmp:
-            doc = {"format": FORMAT, "format_version": FORMAT_VERSION, "family": self.family,
-                   "config": to_dict(self.config), "metadata": metadata or {}}
-            (tmp / "config.json").write_text(json.dumps(doc, indent=2) + "\n")
-            state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-            save_file(state, str(tmp / "model.safetensors"), metadata={"family": self.family})
-            if metrics is not None:
-                (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-        return path
+        """Write the model as an artifact folder at ``path``, atomically (a half-written folder never
+        replaces a good one); ``metadata`` and ``metrics`` are plain JSON data. Returns ``path``."""
+        config = to_dict(self.config)
+        assert config.get("family") == self.family, (config.get("family"), self.family)
+        return write_artifact(path, MODEL_KIND, config, self.state_dict(), metadata or {}, metrics)
+
+
+def read_model_artifact(path: str | os.PathLike) -> Artifact:
+    """The verified artifact of the model folder at ``path`` (a format v1 folder is read unverified,
+    with a LegacyArtifactWarning). ModelFormatError (ArtifactError, ArtifactIntegrityError) otherwise."""
+    return read_artifact(path, MODEL_KIND, allow_legacy=True)
 
 
 def read_model_doc(path: str | os.PathLike) -> dict[str, Any]:
-    """Parse and check a model folder's ``config.json``."""
-    path = Path(path)
-    cfg = path / "config.json"
-    if not cfg.is_file() or not (path / "model.safetensors").is_file():
-        raise ModelFormatError(f"{path} is not a vaekit model folder (needs config.json and model.safetensors)")
-    try:
-        doc = json.loads(cfg.read_text())
-    except json.JSONDecodeError as exc:
-        raise ModelFormatError(f"{cfg} is not valid JSON: {exc}") from exc
-    if doc.get("format") != FORMAT or doc.get("format_version") != FORMAT_VERSION:
-        got = f"{doc.get('format')!r} v{doc.get('format_version')!r}"
-        raise ModelFormatError(f"{cfg}: format {got}, expected {FORMAT!r} v{FORMAT_VERSION}")
-    return doc
+    """The model folder's ``config.json`` content, verified: ``family``, ``config``, ``metadata``
+    (plus ``format``, ``format_version``, ``kind``)."""
+    art = read_model_artifact(path)
+    return {"format": FORMAT, "format_version": art.format_version, "kind": art.kind,
+            "family": art.config.get("family"), "config": art.config, "metadata": art.metadata}
 
 
 def check_class_labels(y: Any, num_classes: int, n: int | None = None, what: str = "class labels") -> torch.Tensor:
@@ -223,6 +321,18 @@ def check_class_labels(y: Any, num_classes: int, n: int | None = None, what: str
     return y.long()
 
 
+def check_unit_range(x: torch.Tensor, name: str = "x") -> None:
+    """Raise InputError unless every value of x is finite and in [0, 1] (one pass: aminmax)."""
+    lo, hi = (float(v) for v in torch.aminmax(x.detach()))
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        bad = int((~torch.isfinite(x)).sum())
+        raise InputError(f"{name} holds {bad} NaN or inf value{'s' if bad != 1 else ''}; "
+                         "values must be finite, in [0, 1]")
+    if lo < 0 or hi > 1:
+        hint = " (looks like 0..255 pixel values: divide by 255)" if 1 < hi <= 255 and lo >= 0 else ""
+        raise InputError(f"{name} must lie in [0, 1], got values in [{lo:.4g}, {hi:.4g}]{hint}")
+
+
 def build_model(config: Any) -> BaseModel:
     """Instantiate the family named by ``config.family``."""
     return model_class(config.family)(config)
@@ -235,14 +345,25 @@ def model_config_from_dict(data: dict[str, Any]) -> Any:
     return from_dict(cls, {**data, "family": family}, prefix="model.")
 
 
+def model_config_from_artifact(art: Artifact) -> Any:
+    """The model config saved in ``art``, strictly: every field present and valid (ModelFormatError naming
+    the file and the field otherwise), the family one of :data:`MODEL_REGISTRY`."""
+    family = art.config.get("family")
+    if family not in MODEL_REGISTRY:
+        what = "has no 'family' field" if family is None else f"family {describe(family)} is unknown"
+        raise ModelFormatError(f"{art.path / 'config.json'}: config {what}; it must be one of {sorted(MODEL_REGISTRY)}")
+    return config_from_artifact(MODEL_REGISTRY[family].config_class, art)
+
+
 def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> BaseModel:
-    """Load a model folder written by :meth:`BaseModel.save` (eval mode, on ``map_location``)."""
-    path = Path(path)
-    doc = read_model_doc(path)
-    config = model_config_from_dict(doc["config"])
-    model = build_model(config)
-    state = load_file(str(path / "model.safetensors"), device=str(map_location))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ModelFormatError(f"{path}: weights do not match the config (missing {missing}, unexpected {unexpected})")
-    return model.to(map_location).eval()
+    """Load a model folder written by :meth:`BaseModel.save` (eval mode, on ``map_location``).
+
+    The manifest is verified first; the config must hold every field of its family's config
+    and the weights exactly the tensors (names, shapes, dtypes) that config builds. Every fault
+    (a changed byte, a missing field or file, a truncated or wrong-size weights file, a device that
+    does not exist here) raises ModelFormatError (or a subclass) naming the file and the problem.
+    """
+    device = check_device(map_location)  # before reading or building anything
+    art = read_model_artifact(path)
+    model = build_model(model_config_from_artifact(art))
+    return load_module_state(model, art, device).eval()

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from vaekit.errors import ConfigError, InputError, check_choice, check_positive
 from vaekit.models.base import check_class_labels, register_model
 from vaekit.models.vae import VAE, VAEConfig, VAEOutput
-from vaekit.nn.distributions import BernoulliLikelihood, DiagonalGaussian, GaussianLikelihood
+from vaekit.nn.distributions import DiagonalGaussian
 from vaekit.nn.layers import mlp
 from vaekit.objectives.kl import kl_normal
 from vaekit.objectives.kl_control import KLControl
@@ -62,7 +62,7 @@ class CVAE(VAE):
     """Conditional Gaussian VAE; ``forward(x, y)`` needs the condition ``y``."""
 
     config_class = CVAEConfig
-    needs_labels = True
+    conditional = True
 
     def __init__(self, config: CVAEConfig | None = None):
         config = self.resolve_config(config)
@@ -105,18 +105,14 @@ class CVAE(VAE):
         """The null condition (zeros), (n, cond_size): what condition dropout feeds the networks."""
         return torch.zeros(n, self.config.cond_size, device=self.device)
 
-    # -- the probabilistic pieces (c: condition vectors (B, cond_size)) ---------------------------
-    def encode(self, x: torch.Tensor, c: torch.Tensor) -> DiagonalGaussian:  # type: ignore[override]
-        """q(z|x, c) for x (B, C, H, W): mean and logvar (B, D)."""
-        c = self.condition_vector(c, x.shape[0])
-        h = torch.cat([self.encoder(x), c], dim=1)
-        return DiagonalGaussian(self.to_mean(h), self.to_logvar(h))
+    # -- the condition the networks see (encode/decode come from VAE) ------------------------------
+    def _condition(self, y: Any, batch: int) -> torch.Tensor:
+        """Condition vectors (B, cond_size) for ``y`` (labels or vectors); None gives the null condition."""
+        return self.null_condition(batch) if y is None else self.condition_vector(y, batch)
 
-    def decode(self, z: torch.Tensor, c: torch.Tensor) -> BernoulliLikelihood | GaussianLikelihood:  # type: ignore[override]
-        """p(x|z, c) for z (..., B, D) and c for the B examples; extra leading dims of z are kept."""
-        c = self.condition_vector(c, z.shape[-2] if z.ndim >= 2 else None)
-        c = c.expand(*z.shape[:-1], c.shape[-1])
-        return super().decode(torch.cat([z, c], dim=-1))
+    def kl_per_example(self, posterior: DiagonalGaussian, y: Any = None) -> torch.Tensor:
+        """KL(q(z|x, c) || p(z|c)) per example, (B,) nats (the learned prior when the config has one)."""
+        return self._kl_per_dim(posterior, self._condition(y, posterior.mean.shape[0])).sum(1)
 
     def prior(self, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean, logvar) of p(z|c), each (B, D); zeros for the standard-normal prior."""
@@ -127,11 +123,11 @@ class CVAE(VAE):
         mean, logvar = self.prior_net(c).chunk(2, dim=-1)
         return mean, logvar
 
-    def log_prior(self, z: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    def log_prior(self, z: torch.Tensor, y: Any = None) -> torch.Tensor:
         """log p(z|c) summed over D: z (..., B, D) -> (..., B). Used by the importance-weighted bound."""
         if not self.config.learned_prior:
             return log_standard_normal(z)
-        mean, logvar = self.prior(c)
+        mean, logvar = self.prior(self._condition(y, z.shape[-2]))
         return log_normal_diag(z, mean, logvar)
 
     def _kl_per_dim(self, posterior: DiagonalGaussian, cond: torch.Tensor | None) -> torch.Tensor:
@@ -155,12 +151,10 @@ class CVAE(VAE):
         ``y``: class labels (B,) int64 or condition vectors (B, cond_size). In training mode each
         example's condition is dropped (set to the null condition) with probability ``cond_dropout``.
         """
-        self.check_input(x)
+        x = self.check_input(x, values=check)
         if y is None:
             raise InputError(f"cvae needs the condition y: class labels (B,) int64 or vectors "
                              f"(B, {self.config.cond_size}) float")
-        if check:
-            self.check_targets(x)
         c = self.drop_condition(self.condition_vector(y, x.shape[0]))
         if self.config.objective == "iwae":
             return self._iwae_output(x, c, beta, kl_control)
@@ -182,18 +176,11 @@ class CVAE(VAE):
         return self.condition_vector(c, n)
 
     @torch.no_grad()
-    def sample(self, n: int, c: Any = None, generator: torch.Generator | None = None) -> torch.Tensor:  # type: ignore[override]
-        """``n`` images (n, C, H, W) for condition ``c``: a class index (int), labels (n,), vectors
+    def sample(self, n: int, y: Any = None, generator: torch.Generator | None = None) -> torch.Tensor:
+        """``n`` images (n, C, H, W) for condition ``y``: a class index (int), labels (n,), vectors
         (n, cond_size), or None (class conditioning: uniformly drawn classes; vectors: the null condition)."""
         self.check_count(n)
-        cond = self._sample_condition(n, c, generator)
+        cond = self._sample_condition(n, y, generator)
         mean, logvar = self.prior(cond)
         eps = torch.randn(mean.shape, generator=generator).to(mean.device)
-        return self.decode(mean + torch.exp(0.5 * logvar) * eps, cond).mean
-
-    @torch.no_grad()
-    def reconstruct(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:  # type: ignore[override]
-        """Decoder mean at the posterior mean given condition ``y`` (None: the null condition), (B, C, H, W)."""
-        self.check_input(x)
-        c = self.null_condition(x.shape[0]) if y is None else self.condition_vector(y, x.shape[0])
-        return self.decode(self.encode(x, c).mean, c).mean
+        return self._decode(mean + torch.exp(0.5 * logvar) * eps, cond).mean

@@ -28,6 +28,7 @@ import contextlib
 import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -160,6 +161,8 @@ class PixelVAE(BaseModel):
 
     config_class = PixelVAEConfig
     supports_kl_control = True
+    gaussian_posterior = True
+    defines_elbo = True
 
     def __init__(self, config: PixelVAEConfig | None = None):
         config = self.resolve_config(config)
@@ -179,8 +182,11 @@ class PixelVAE(BaseModel):
         self.ar_act = activation(c.activation)
 
     # -- the probabilistic pieces ----------------------------------------------------------------
-    def encode(self, x: torch.Tensor) -> DiagonalGaussian:
-        """q(z|x) for x (B, 1, H, W): a DiagonalGaussian with mean and logvar (B, D)."""
+    def encode(self, x: torch.Tensor, y: Any = None) -> DiagonalGaussian:
+        """q(z|x) for x (B, 1, H, W): a DiagonalGaussian with mean and logvar (B, D). ``y`` is ignored."""
+        return self._encode(self.check_input(x))
+
+    def _encode(self, x: torch.Tensor) -> DiagonalGaussian:
         h = self.encoder(x)
         return DiagonalGaussian(self.to_mean(h), self.to_logvar(h))
 
@@ -196,9 +202,14 @@ class PixelVAE(BaseModel):
         taps = causal_taps(x, self.config.ar_kernel)  # (B, H, W, T)
         return self.ar_head(self.ar_act(self.ar_in(taps))).permute(0, 3, 1, 2)
 
-    def decode(self, z: torch.Tensor, generator: torch.Generator | None = None) -> LocalARLikelihood:
-        """p(x|z) for z (..., D); ``log_prob(x)`` returns (..., B)."""
-        return LocalARLikelihood(self, self.z_maps(z), generator)
+    def decode(self, z: torch.Tensor, y: Any = None, generator: torch.Generator | None = None) -> LocalARLikelihood:
+        """p(x|z) for z (..., B, D); ``log_prob(x)`` returns (..., B). ``y`` is ignored; ``generator``
+        drives the ancestral path behind ``mean``."""
+        return LocalARLikelihood(self, self.z_maps(self.check_latent(z)), generator)
+
+    def _decode_at(self, z: torch.Tensor, y: Any) -> LocalARLikelihood:
+        # reconstructions are deterministic, like the VAE's, so grids and tests are stable
+        return self.decode(z, None, torch.Generator().manual_seed(0))
 
     @torch.no_grad()
     def ancestral_sample(self, g: torch.Tensor, generator: torch.Generator | None = None
@@ -247,12 +258,10 @@ class PixelVAE(BaseModel):
         ``kl_control`` (the trainer's KL schedule) sets the weight; ``config.free_bits`` is a floor on
         its free bits, so the recipe's setting holds under any schedule.
         """
-        self.check_input(x)
-        if check:
-            self.check_targets(x)
-        posterior = self.encode(x)
+        x = self.check_input(x, values=check)
+        posterior = self._encode(x)
         z = posterior.rsample()
-        recon_pe = -self.decode(z).log_prob(x)  # (B,)
+        recon_pe = -LocalARLikelihood(self, self.z_maps(z)).log_prob(x)  # (B,)
         kl_pd = posterior.kl()  # (B, D)
         kl_pe = kl_pd.sum(1)
         recon, kl, kl_dim = recon_pe.mean(), kl_pe.mean(), kl_pd.mean(0)
@@ -268,21 +277,19 @@ class PixelVAE(BaseModel):
 
     # -- generation ------------------------------------------------------------------------------
     @torch.no_grad()
-    def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    def sample(self, n: int, y: Any = None, generator: torch.Generator | None = None) -> torch.Tensor:
         """``n`` images (n, 1, H, W): P(x_i = 1 | sampled x_<i, z) along one ancestral path, z ~ N(0, I)."""
         self.check_count(n)
         z = torch.randn(n, self.config.latent_dim, generator=generator).to(self.device) if generator is not None \
             else torch.randn(n, self.config.latent_dim, device=self.device)
-        return self.decode(z, generator).mean
+        return self.decode(z, None, generator).mean
 
     @torch.no_grad()
-    def reconstruct(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Ancestral decoding at the posterior mean, (B, 1, H, W) (see :class:`LocalARLikelihood`)."""
-        self.check_input(x)
-        if generator is None:
-            # reconstructions are deterministic, like the VAE's, so grids and tests are stable
-            generator = torch.Generator().manual_seed(0)
-        return self.decode(self.encode(x).mean, generator).mean
+    def reconstruct(self, x: torch.Tensor, y: Any = None, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Ancestral decoding at the posterior mean, (B, 1, H, W) (see :class:`LocalARLikelihood`);
+        deterministic (seed 0) unless a ``generator`` is given."""
+        mean = self.encode(x).mean
+        return (self._decode_at(mean, y) if generator is None else self.decode(mean, y, generator)).mean
 
 
 @contextlib.contextmanager

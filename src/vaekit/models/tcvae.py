@@ -84,9 +84,7 @@ class TCVAE(VAE):
         check: bool = True,
     ) -> TCVAEOutput:
         """Loss of a batch x (B, C, H, W), B >= 2 for MSS. ``y`` is ignored; ``beta`` overrides the TC weight."""
-        self.check_input(x)
-        if check:
-            self.check_targets(x)
+        x = self.check_input(x, values=check)
         if kl_control is not None and kl_control != KLControl():
             raise InputError(f"tcvae takes no kl_control (its alpha, beta, gamma weight the KL terms), "
                              f"got {kl_control!r}")
@@ -97,9 +95,9 @@ class TCVAE(VAE):
         if n < x.shape[0]:
             raise InputError(f"batch of {x.shape[0]} examples is larger than dataset_size {n}")
         c = self.config
-        posterior = self.encode(x)
+        posterior = self._encode(x, None)
         z = posterior.rsample()
-        recon_pe = -self.decode(z).log_prob(x)  # (B,)
+        recon_pe = -self._decode(z, None).log_prob(x)  # (B,)
         t = tc_decomposition(z, posterior.mean, posterior.logvar, n, c.estimator)
         mi, tc, dim_kl = t.mi.mean(), t.tc.mean(), t.dim_kl.mean()
         kl_pd = posterior.kl()  # (B, D) closed form, for logging and collapse monitors

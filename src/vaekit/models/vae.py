@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -111,6 +111,8 @@ class VAE(BaseModel):
     """Gaussian-posterior VAE with a Bernoulli or Gaussian likelihood."""
 
     config_class = VAEConfig
+    gaussian_posterior = True
+    defines_elbo = True
 
     def __init__(self, config: VAEConfig | None = None, cond_size: int = 0):
         """``cond_size`` > 0 (subclasses) widens the encoder head and the decoder input for a condition."""
@@ -149,19 +151,21 @@ class VAE(BaseModel):
         return self.config.objective == "elbo"
 
     # -- the probabilistic pieces ----------------------------------------------------------------
-    def encode(self, x: torch.Tensor) -> DiagonalGaussian:
-        """q(z|x) for x (B, C, H, W): a DiagonalGaussian with mean and logvar (B, D)."""
-        h = self.encoder(x)
-        return DiagonalGaussian(self.to_mean(h), self.to_logvar(h))
+    def encode(self, x: torch.Tensor, y: Any = None) -> DiagonalGaussian:
+        """q(z|x) for x (B, C, H, W): a DiagonalGaussian with mean and logvar (B, D). ``y`` is the
+        condition of a conditional subclass; this family ignores it."""
+        x = self.check_input(x)
+        return self._encode(x, self._condition(y, x.shape[0]))
 
-    def decode(self, z: torch.Tensor) -> BernoulliLikelihood | GaussianLikelihood | AutoregressiveBernoulli:
-        """p(x|z) for z (..., D); extra leading dims of z are kept in the output."""
-        if self.config.decoder == "pixelcnn":
-            return AutoregressiveBernoulli(self.decoder, z, self.config.decoder_dropout, self.training)
-        lead = z.shape[:-1]
-        out = self.decoder(z.reshape(-1, z.shape[-1]))
-        out = out.view(*lead, *self.config.input_shape)
-        return self.likelihood_from(out)
+    def decode(self, z: torch.Tensor, y: Any = None
+               ) -> BernoulliLikelihood | GaussianLikelihood | AutoregressiveBernoulli:
+        """p(x|z) for z (..., B, D); extra leading dims of z are kept in the output. ``y`` as in encode."""
+        z = self.check_latent(z)
+        return self._decode(z, self._condition(y, z.shape[-2]))
+
+    def _condition(self, y: Any, batch: int) -> torch.Tensor | None:
+        """The condition vectors (B, cond_size) the networks see, or None for an unconditional family."""
+        return None
 
     def forward(
         self,
@@ -179,9 +183,7 @@ class VAE(BaseModel):
         the value-range check of x (a full pass over the batch); the trainer uses it after
         the first batch, since its loader only serves values in [0, 1].
         """
-        self.check_input(x)
-        if check:
-            self.check_targets(x)
+        x = self.check_input(x, values=check)
         if self.config.objective == "iwae":
             return self._iwae_output(x, None, beta, kl_control)
         control = kl_control or KLControl(weight=self.config.beta if beta is None else beta)
@@ -189,10 +191,21 @@ class VAE(BaseModel):
 
     # -- the two training bounds (shared with subclasses; ``cond`` is None for this family) -----
     def _encode(self, x: torch.Tensor, cond: torch.Tensor | None) -> DiagonalGaussian:
-        return self.encode(x) if cond is None else self.encode(x, cond)
+        h = self.encoder(x)
+        if cond is not None:
+            h = torch.cat([h, cond], dim=1)
+        return DiagonalGaussian(self.to_mean(h), self.to_logvar(h))
 
-    def _decode(self, z: torch.Tensor, cond: torch.Tensor | None) -> BernoulliLikelihood | GaussianLikelihood:
-        return self.decode(z) if cond is None else self.decode(z, cond)
+    def _decode(self, z: torch.Tensor, cond: torch.Tensor | None
+                ) -> BernoulliLikelihood | GaussianLikelihood | AutoregressiveBernoulli:
+        if cond is not None:  # a condition joins z at the decoder input
+            z = torch.cat([z, cond.expand(*z.shape[:-1], cond.shape[-1])], dim=-1)
+        if self.config.decoder == "pixelcnn":
+            return AutoregressiveBernoulli(self.decoder, z, self.config.decoder_dropout, self.training)
+        lead = z.shape[:-1]
+        out = self.decoder(z.reshape(-1, z.shape[-1]))
+        out = out.view(*lead, *self.config.input_shape)
+        return self.likelihood_from(out)
 
     def _kl_per_dim(self, posterior: DiagonalGaussian, cond: torch.Tensor | None) -> torch.Tensor:
         """KL(q(z|x) || p(z)) per example and dimension, (B, D); a subclass with another prior overrides it."""
@@ -232,15 +245,16 @@ class VAE(BaseModel):
 
     # -- generation ------------------------------------------------------------------------------
     @torch.no_grad()
-    def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """``n`` images (n, C, H, W): decoder means at z ~ N(0, I)."""
+    def sample(self, n: int, y: Any = None, generator: torch.Generator | None = None) -> torch.Tensor:
+        """``n`` images (n, C, H, W): decoder means at z ~ N(0, I). ``y`` is ignored by this family."""
         self.check_count(n)
         z = torch.randn(n, self.config.latent_dim, generator=generator, device=self.device) if generator is None \
             else torch.randn(n, self.config.latent_dim, generator=generator).to(self.device)
-        return self.decode(z).mean
+        return self._decode(z, None).mean
 
     @torch.no_grad()
-    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
-        """Decoder mean at the posterior mean, (B, C, H, W)."""
-        self.check_input(x)
-        return self.decode(self.encode(x).mean).mean
+    def reconstruct(self, x: torch.Tensor, y: Any = None) -> torch.Tensor:
+        """Decoder mean at the posterior mean, (B, C, H, W). ``y`` as in encode."""
+        x = self.check_input(x)
+        cond = self._condition(y, x.shape[0])
+        return self._decode(self._encode(x, cond).mean, cond).mean

@@ -17,13 +17,13 @@ import math
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
 from vaekit.errors import ConfigError, InputError, check_choice, check_positive
-from vaekit.models.base import BaseModel, ModelOutput, register_model
+from vaekit.models.base import BaseModel, Inspection, ModelOutput, register_model
 from vaekit.nn.code_prior import CodePrior
 from vaekit.nn.distributions import BernoulliLikelihood, GaussianLikelihood
 from vaekit.nn.quantizer import VectorQuantizer, perplexity, usage_fraction
@@ -154,7 +154,7 @@ class VQVAE(BaseModel):
     """VQ-VAE: conv encoder, vector quantizer, conv decoder, and a code prior for sampling."""
 
     config_class = VQVAEConfig
-    has_posterior = False  # no q(z|x) with a density: the importance-sampled NLL does not apply
+    discrete_latent = True  # encode gives code indices; no q(z|x) with a density, so no KL or NLL
 
     def __init__(self, config: VQVAEConfig | None = None):
         config = self.resolve_config(config)
@@ -186,19 +186,35 @@ class VQVAE(BaseModel):
             return t.view(B, h, w, D).permute(0, 3, 1, 2)
         return q, grid(q.z_q), grid(q.codes), q.indices.view(B, h, w)
 
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """Code indices (B, h, w) of images x (B, C, H, W) (no codebook update)."""
-        self.check_input(x)
+    def _lookup(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(z_e (B, D, h, w), z_q (B, D, h, w), indices (B, h, w)) of checked images, no codebook update."""
         was = self.quantizer.training
         self.quantizer.eval()
         try:
-            _, _, _, idx = self._quantize(self.encoder(x))
+            z_e = self.encoder(x)
+            _, z_q, _, idx = self._quantize(z_e)
         finally:
             self.quantizer.train(was)
-        return idx
+        return z_e, z_q, idx
 
-    def decode(self, codes: torch.Tensor) -> BernoulliLikelihood | GaussianLikelihood:
-        """p(x|z_q) from code indices (B, h, w) int64 or quantized vectors (B, D, h, w) float."""
+    def encode(self, x: torch.Tensor, y: Any = None) -> torch.Tensor:
+        """Code indices (B, h, w) of images x (B, C, H, W) (no codebook update). ``y`` is ignored."""
+        return self._lookup(self.check_input(x))[2]
+
+    @torch.no_grad()
+    def inspect(self, x: torch.Tensor, y: Any = None) -> Inspection:
+        """Reconstruction error at the code grid, the codes, and ``latent_norm``: the mean over grid
+        cells of ||z_e|| (the encoder output before quantization; outliers map far from the codebook)."""
+        x = self.check_input(x)
+        z_e, z_q, idx = self._lookup(x)
+        lik = self.likelihood_from(self.decoder(z_q))
+        recon = lik.mean
+        return Inspection(reconstruction=recon, recon_nats=-lik.log_prob(x),
+                          recon_mse=(x - recon).pow(2).flatten(1).mean(1),
+                          latent_norm=z_e.norm(dim=1).flatten(1).mean(1), codes=idx)
+
+    def decode(self, codes: torch.Tensor, y: Any = None) -> BernoulliLikelihood | GaussianLikelihood:
+        """p(x|z_q) from code indices (B, h, w) int64 or quantized vectors (B, D, h, w) float. ``y`` is ignored."""
         if not isinstance(codes, torch.Tensor):
             raise InputError(f"codes must be a tensor, got {type(codes).__name__}")
         h, w = self.config.grid
@@ -208,20 +224,20 @@ class VQVAE(BaseModel):
             if codes.numel() and (codes.min() < 0 or codes.max() >= self.config.codebook_size):
                 raise InputError(f"code indices must lie in [0, {self.config.codebook_size - 1}]")
             codes = self.quantizer.codebook[codes].permute(0, 3, 1, 2)
-        elif codes.ndim != 4 or tuple(codes.shape[1:]) != (self.config.code_dim, h, w):
-            raise InputError(f"quantized vectors must have shape (B, {self.config.code_dim}, {h}, {w}), "
-                             f"got {tuple(codes.shape)}")
+        elif not codes.is_floating_point() or codes.ndim != 4 or tuple(codes.shape[1:]) != (self.config.code_dim, h, w):
+            raise InputError(f"decode takes code indices (B, {h}, {w}) int64 or quantized vectors "
+                             f"(B, {self.config.code_dim}, {h}, {w}) float, got {codes.dtype} {tuple(codes.shape)}")
+        elif not bool(torch.isfinite(codes).all()):
+            raise InputError("quantized vectors hold NaN or inf values")
         out = self.decoder(codes)
         return self.likelihood_from(out)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None, *, check: bool = True) -> VQVAEOutput:
         """Loss of a batch x (B, C, H, W); in training mode the codebook state is updated. ``y`` is ignored."""
-        self.check_input(x)
-        if check:
-            self.check_targets(x)
+        x = self.check_input(x, values=check)
         z_e = self.encoder(x)  # (B, D, h, w)
         q, z_q, codes, idx = self._quantize(z_e)
-        recon_pe = -self.decode(z_q).log_prob(x)  # (B,)
+        recon_pe = -self.likelihood_from(self.decoder(z_q)).log_prob(x)  # (B,)
         commit = (z_e - codes.detach()).pow(2).sum((1, 2, 3)).mean()
         if self.config.codebook_update == "loss":
             cb = (z_e.detach() - codes).pow(2).sum((1, 2, 3)).mean()
@@ -238,7 +254,8 @@ class VQVAE(BaseModel):
 
     # -- generation ----------------------------------------------------------------------------------
     @torch.no_grad()
-    def sample(self, n: int, temperature: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
+    def sample(self, n: int, y: Any = None, generator: torch.Generator | None = None,
+               temperature: float = 1.0) -> torch.Tensor:
         """``n`` images (n, C, H, W): index grids drawn from the code prior, decoded (decoder mean)."""
         self.check_count(n)
         if not bool(self.prior_trained):
@@ -254,9 +271,9 @@ class VQVAE(BaseModel):
         return self.decode(codes.view(n, h, w)).mean
 
     @torch.no_grad()
-    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
-        """Decoder mean at the quantized code grid of x, (B, C, H, W)."""
-        return self.decode(self.encode(x)).mean
+    def reconstruct(self, x: torch.Tensor, y: Any = None) -> torch.Tensor:
+        """Decoder mean at the quantized code grid of x, (B, C, H, W). ``y`` is ignored."""
+        return self.likelihood_from(self.decoder(self._lookup(self.check_input(x))[1])).mean
 
     @torch.no_grad()
     def code_statistics(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:

@@ -13,7 +13,6 @@ from typing import Any
 import torch
 
 from vaekit.errors import InputError
-from vaekit.objectives.likelihoods import log_standard_normal
 
 
 @dataclass
@@ -35,18 +34,17 @@ class ImportanceTerms:
 def importance_terms(model: Any, x: torch.Tensor, k: int, y: torch.Tensor | None = None) -> ImportanceTerms:
     """Draw k samples z_k ~ q(z|x) per example and return the parts of their log weights.
 
-    ``model`` must have ``encode(x)`` returning a posterior with ``rsample(n)`` and
-    ``log_prob(z)``, and ``decode(z)`` accepting extra leading sample dims. A model with a
-    non-standard prior may define ``log_prior(z, y)``; conditional models take ``y``.
+    ``model`` follows the model interface (``vaekit.models.base.BaseModel``) with
+    ``defines_elbo``: ``encode(x, y)`` returns a posterior with ``rsample(n)`` and ``log_prob(z)``,
+    ``decode(z, y)`` accepts extra leading sample dims, ``log_prior(z, y)`` is log p(z).
     Gradients flow (reparameterized), so this serves training as well as evaluation.
     """
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise InputError(f"k must be a positive integer, got {k!r}")
-    q = model.encode(x, y) if y is not None else model.encode(x)
+    q = model.encode(x, y)
     z = q.rsample(k)  # (k, B, D)
-    lik = model.decode(z, y) if y is not None else model.decode(z)
-    log_px_z = lik.log_prob(x)  # (k, B)
-    log_pz = model.log_prior(z, y) if hasattr(model, "log_prior") else log_standard_normal(z)
+    log_px_z = model.decode(z, y).log_prob(x)  # (k, B)
+    log_pz = model.log_prior(z, y)
     return ImportanceTerms(log_px_z, log_pz, q.log_prob(z), z, q)
 
 

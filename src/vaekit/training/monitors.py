@@ -156,7 +156,7 @@ def latent_stats(trainer: Trainer, x: torch.Tensor, y: torch.Tensor, au_threshol
     means, logvars = [], []
     for i in range(0, x.shape[0], 500):
         xb, yb = x[i : i + 500], y[i : i + 500]
-        q = model.encode(xb, yb) if model.needs_labels else model.encode(xb)
+        q = model.encode(xb, yb)
         means.append(q.mean.float())
         logvars.append(q.logvar.float())
     model.train(was)

@@ -81,7 +81,7 @@ def _rank(value: float) -> float:
 
 def check_selectable(model: BaseModel, config: SelectConfig) -> None:
     """Raise :class:`ConfigError` when ``model`` cannot be scored by ``config.metric``."""
-    if config.metric == "prior_mmd" and not (hasattr(model, "sample_prior") and hasattr(model, "encode")):
+    if config.metric == "prior_mmd" and not model.has_prior_sampler:
         raise ConfigError(f"select.metric 'prior_mmd' needs a model with a prior to sample and an encoder "
                           f"(family 'aae'); {model.family!r} has none: use select.metric=val_loss")
 
