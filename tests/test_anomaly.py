@@ -318,8 +318,16 @@ def test_scores_reject_bad_images_naming_the_problem():
             score_images(model, bad, "recon")
     with pytest.raises(InputError, match="k must be"):
         score_images(model, good, "nll", k=0)
-    with pytest.raises(InputError, match="not conditional"):
-        score_images(model, good, "recon", y=torch.zeros(3, dtype=torch.long))
+    # y is ignored by unconditional families (as by the model interface), required by conditional ones
+    assert torch.equal(score_images(model, good, "recon", y=torch.zeros(3, dtype=torch.long)),
+                       score_images(model, good, "recon"))
+    from vaekit.models import CVAEConfig
+
+    cvae = build_model(CVAEConfig(input_shape=P_SHAPE, latent_dim=2, hidden_sizes=(8,))).eval()
+    with pytest.raises(InputError, match="conditional"):
+        score_images(cvae, good, "recon")
+    with pytest.raises(InputError, match="one row per image"):
+        score_images(cvae, good, "recon", y=torch.zeros(2, dtype=torch.long))
     with pytest.raises(InputError, match="bad parameters"):
         score_images(model, good, "kl", k=3)
 
@@ -345,7 +353,7 @@ def test_every_family_either_scores_or_names_the_missing_capability():
         torch.manual_seed(0)
         model = build_model(cfg).eval()
         y = None
-        if bool(getattr(type(model), "conditional", getattr(type(model), "needs_labels", False))):
+        if model.conditional:
             y = torch.randn(4, cfg.cond_dim) if getattr(cfg, "condition", "class") == "vector" else torch.arange(4)
         for name in SCORES:
             params = {"steps": 1, "k": 2} if name == "likelihood_regret" else {}

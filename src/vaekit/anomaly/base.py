@@ -16,10 +16,11 @@ import torch
 
 from vaekit.errors import InputError, VaekitError, describe
 
-# Capabilities a score can require. Each is a predicate over the model's class-level flags.
+# Capabilities a score can require, each read from the model's declared flags (never probed).
 CAPABILITIES: dict[str, str] = {
     "gaussian_posterior": "q(z|x) is a DiagonalGaussian (mean, logvar, kl, rsample, log_prob)",
-    "continuous_latent": "encode(x) returns a posterior with a continuous mean (B, D) (not code indices)",
+    "defines_elbo": "a prior density p(z) and an ELBO (the importance-sampled likelihood applies)",
+    "continuous_latent": "encode(x) returns a posterior with a continuous mean (B, D), not code indices",
 }
 
 
@@ -32,15 +33,15 @@ class NotFittedError(VaekitError, AttributeError):
 
 
 def has_capability(model: Any, capability: str) -> bool:
-    """True when ``model`` has ``capability`` (one of :data:`CAPABILITIES`), read from class-level flags."""
+    """True when ``model`` has ``capability`` (one of :data:`CAPABILITIES`), read from its declared flags.
+
+    Flags are read on the instance: a family may declare one per config (the AAE's Gaussian encoder).
+    """
     if capability not in CAPABILITIES:
         raise InputError(f"capability must be one of {sorted(CAPABILITIES)}, got {describe(capability)}")
-    cls = type(model)
-    if capability == "gaussian_posterior":  # interim fallbacks until the interface flags land
-        return bool(getattr(cls, "gaussian_posterior", getattr(cls, "has_posterior", True)))
     if capability == "continuous_latent":
-        return not bool(getattr(cls, "discrete_latent", getattr(cls, "family", "") == "vqvae"))
-    raise AssertionError(capability)  # pragma: no cover - every key of CAPABILITIES is handled above
+        return not bool(model.discrete_latent)
+    return bool(getattr(model, capability))
 
 
 def require(model: Any, capabilities: tuple[str, ...], score: str) -> None:
@@ -54,30 +55,23 @@ def require(model: Any, capabilities: tuple[str, ...], score: str) -> None:
 
 
 def check_images(model: Any, x: Any, name: str = "x") -> torch.Tensor:
-    """The model's input check: a float tensor (B, *input_shape), finite, with values in [0, 1]."""
-    x = model.check_input(x, name)
-    # interim: the shared check_input of the model interface will cover values too
-    if not torch.isfinite(x).all():
-        raise InputError(f"{name} must hold finite values, got NaN or inf")
-    lo, hi = torch.aminmax(x.detach())
-    if lo < 0 or hi > 1:
-        raise InputError(f"{name} must lie in [0, 1], got values in [{lo:.4g}, {hi:.4g}]")
-    return x
+    """The model's one input check: a float tensor (B, *input_shape) of finite values in [0, 1],
+    returned in the model's dtype (InputError otherwise)."""
+    return model.check_input(x, name)
 
 
 def check_labels(model: Any, y: Any, n: int) -> torch.Tensor | None:
-    """``y`` for a conditional model (required, one per image), None otherwise (then it must be None)."""
-    if bool(getattr(type(model), "conditional", getattr(type(model), "needs_labels", False))):
-        if y is None:
-            raise InputError(f"{type(model).__name__} is conditional: pass y (labels or condition vectors, "
-                             f"one per image), got None")
-        if not isinstance(y, torch.Tensor) or y.ndim < 1 or y.shape[0] != n:
-            got = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
-            raise InputError(f"y must be a tensor with one row per image ({n}), got {got}")
-        return y
-    if y is not None:
-        raise InputError(f"{type(model).__name__} is not conditional: y must be None, got {describe(y)}")
-    return None
+    """``y`` for a conditional model (required, one row per image); None for the others, which ignore
+    it as the model interface does."""
+    if not model.conditional:
+        return None
+    if y is None:
+        raise InputError(f"{type(model).__name__} is conditional: pass y (labels or condition vectors, "
+                         f"one per image), got None")
+    if not isinstance(y, torch.Tensor) or y.ndim < 1 or y.shape[0] != n:
+        got = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
+        raise InputError(f"y must be a tensor with one row per image ({n}), got {got}")
+    return y
 
 
 def check_positive_int(name: str, value: Any, *, upper: int | None = None) -> int:
@@ -103,11 +97,11 @@ def check_number(name: str, value: Any, *, low: float | None = None, high: float
 
 
 def encode(model: Any, x: torch.Tensor, y: torch.Tensor | None) -> Any:
-    return model.encode(x) if y is None else model.encode(x, y)
+    return model.encode(x, y)
 
 
 def decode(model: Any, z: torch.Tensor, y: torch.Tensor | None) -> Any:
-    return model.decode(z) if y is None else model.decode(z, y)
+    return model.decode(z, y)
 
 
 def batches(x: torch.Tensor, y: torch.Tensor | None, batch_size: int

@@ -5,14 +5,14 @@ name                   score of image x, nats unless stated                needs
 =====================  ==================================================  =====================
 ``mse``                mean over pixels of (x - reconstruct(x))^2          any family
 ``recon``              -log p(x | z = posterior mean) (VQ-VAE: its codes)  any family
-``neg_elbo``           -(1/k) sum_k log w_k, w_k = p(x|z_k) p(z_k)/q(z_k|x)  gaussian_posterior
-``nll``                -log p(x), importance sampled with k samples        gaussian_posterior
-``kl``                 KL(q(z|x) || p(z)), closed form                     gaussian_posterior
+``neg_elbo``           -(1/k) sum_k log w_k, w_k = p(x|z_k) p(z_k)/q(z_k|x)  gaussian_posterior, defines_elbo
+``nll``                -log p(x), importance sampled with k samples        gaussian_posterior, defines_elbo
+``kl``                 KL(q(z|x) || p(z)), closed form                     gaussian_posterior, defines_elbo
 ``latent_norm``        ||E_q[z]||_2 (no unit)                              continuous_latent
 ``mahalanobis``        Mahalanobis distance of E_q[z] to the aggregated    continuous_latent, fit
                        posterior of reference images (no unit)
-``complexity``         -log p(x) - L(x), L = PNG length (Serrà et al. 2020)  gaussian_posterior
-``likelihood_regret``  log p(x; encoder tuned on x) - log p(x) (Xiao et al.)  gaussian_posterior
+``complexity``         -log p(x) - L(x), L = PNG length (Serrà et al. 2020)  gaussian_posterior, defines_elbo
+``likelihood_regret``  log p(x; encoder tuned on x) - log p(x) (Xiao et al.)  gaussian_posterior, defines_elbo
 ``typicality``         |s(x) - mean_ref s| / std_ref s of a base score      base's, fit
 ``ensemble``           sum_j max(0, z_j)^2 of standardized components      components', fit
 =====================  ==================================================  =====================
@@ -47,7 +47,6 @@ from vaekit.anomaly.compression import check_compress_level, compressed_length
 from vaekit.errors import InputError, describe
 from vaekit.evaluation.nll import MAX_K, log_likelihood
 from vaekit.objectives.iwae import importance_terms
-from vaekit.objectives.kl import kl_normal
 
 SCORES: dict[str, type[Score]] = {}
 
@@ -71,7 +70,7 @@ class MSE(Score):
     stochastic = True  # autoregressive decoders' mean follows one sampled path
 
     def compute(self, model, x, y):
-        rec = model.reconstruct(x) if y is None else model.reconstruct(x, y)
+        rec = model.reconstruct(x, y)
         return (rec.double() - x.double()).pow(2).flatten(1).mean(1)
 
 
@@ -89,7 +88,7 @@ class _Sampled(Score):
     """A score drawing ``k`` posterior samples per image."""
 
     default_k: ClassVar[int] = 1
-    requires = ("gaussian_posterior",)
+    requires = ("gaussian_posterior", "defines_elbo")
     stochastic = True
 
     def __init__(self, k: int | None = None, max_samples: int = 1024):
@@ -123,17 +122,13 @@ class NLL(_Sampled):
 
 @register_score
 class KL(Score):
-    """KL(q(z|x) || p(z)) in closed form: p(z) = N(0, I), or a conditional model's learned p(z|c)."""
+    """KL(q(z|x) || p(z)) in closed form (``model.kl_per_example``: N(0, I), or a CVAE's learned p(z|c))."""
 
     name = "kl"
-    requires = ("gaussian_posterior",)
+    requires = ("gaussian_posterior", "defines_elbo")
 
     def compute(self, model, x, y):
-        q = encode(model, x, y)
-        if y is not None and getattr(model.config, "learned_prior", False):
-            mean, logvar = model.prior(y)
-            return kl_normal(q.mean, q.logvar, mean, logvar).double().sum(1)
-        return q.kl().double().sum(1)
+        return model.kl_per_example(encode(model, x, y), y).double()
 
 
 @register_score
@@ -274,7 +269,7 @@ class LikelihoodRegret(Score):
     """
 
     name = "likelihood_regret"
-    requires = ("gaussian_posterior",)
+    requires = ("gaussian_posterior", "defines_elbo")
     stochastic = True
     grad = True
 
