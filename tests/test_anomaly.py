@@ -416,3 +416,22 @@ def test_ood_report_separates_an_obvious_set_and_writes_histograms(tmp_path):
     assert Image.open(tmp_path / "hist.png").format == "PNG"
     with pytest.raises(InputError, match="reference"):
         ood_report(model, xin, out, ["mahalanobis"])
+
+
+def test_the_ood_report_part_runs_on_corrupted_images_and_skips_without_ood_data(tmp_path):
+    from vaekit.data import ImageDataset, ImageSplit
+    from vaekit.evaluation.report import EvalConfig, evaluate_model
+
+    g = torch.Generator().manual_seed(26)
+    split = ImageSplit(torch.randint(0, 256, (120, *P_SHAPE), dtype=torch.uint8, generator=g), torch.zeros(120).long())
+    data = ImageDataset("synthetic", split, split, ("a",))
+    model = _tiny_vae()
+    rep = evaluate_model(model, data, tmp_path, EvalConfig(metrics=("ood",), ood_data="corrupted", ood_examples=100),
+                         name="tiny")
+    assert rep["model"] == "tiny"  # the report keeps the model's name (a loop once reused the variable)
+    r = rep["metrics"]["ood"]
+    assert r["n_in"] == 50 and set(r["n_out"]) == {"black", "noise", "inverted", "rotated"}
+    assert r["scores"]["complexity"]["ood"]["black"]["auroc"] == 1.0
+    assert (tmp_path / "ood_histograms.png").is_file() and "ood_histograms.png" in (tmp_path / "report.md").read_text()
+    skipped = evaluate_model(model, data, tmp_path / "b", EvalConfig(metrics=("ood",)))
+    assert "--ood-data" in skipped["metrics"]["ood"]["skipped"]
