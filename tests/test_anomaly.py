@@ -435,3 +435,19 @@ def test_the_ood_report_part_runs_on_corrupted_images_and_skips_without_ood_data
     assert (tmp_path / "ood_histograms.png").is_file() and "ood_histograms.png" in (tmp_path / "report.md").read_text()
     skipped = evaluate_model(model, data, tmp_path / "b", EvalConfig(metrics=("ood",)))
     assert "--ood-data" in skipped["metrics"]["ood"]["skipped"]
+
+
+def test_cli_evaluate_metrics_ood(tmp_path, capsys, mnist):
+    from vaekit.cli.main import main
+
+    torch.manual_seed(0)
+    model = VAE(VAEConfig(latent_dim=2, hidden_sizes=(16,)))
+    folder = model.save(tmp_path / "m", metadata={"data": {"dataset": "mnist"}})
+    argv = ["evaluate", str(folder), "--metrics", "ood", "--ood-examples", "200", "--threads", "1"]
+    assert main([*argv, "--ood-data", "fashion-mnist", "--report-dir", str(tmp_path / "r")]) == 0
+    assert "OOD AUROC ensemble" in capsys.readouterr().out
+    r = json.loads((tmp_path / "r" / "report.json").read_text())["metrics"]["ood"]
+    assert r["ood_data"] == "fashion-mnist" and r["n_out"] == {"fashion-mnist": 100}
+    # the model's own dataset is no OOD set: the only part is skipped and the command fails
+    assert main([*argv, "--ood-data", "mnist", "--report-dir", str(tmp_path / "s")]) == 1
+    assert "own dataset" in capsys.readouterr().err
