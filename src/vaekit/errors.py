@@ -108,6 +108,14 @@ class StorageError(VaekitError, OSError):
         return self.message
 
 
+class UnsupportedModelError(VaekitError, TypeError):
+    """A function needs a model capability (a class-level flag) that this model's family lacks."""
+
+
+class NotFittedError(VaekitError, AttributeError):
+    """A fitted object (score statistics, detector, threshold, drift test) was used before ``fit``."""
+
+
 def describe(value: Any) -> str:
     """Short repr of a user value for error messages (long values are cut)."""
     text = repr(value)

@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from vaekit.errors import InputError, VaekitError, describe
+from vaekit.errors import InputError, NotFittedError, UnsupportedModelError, describe  # noqa: F401 (re-exported)
 
 # Capabilities a score can require, each read from the model's declared flags (never probed).
 CAPABILITIES: dict[str, str] = {
@@ -22,14 +22,6 @@ CAPABILITIES: dict[str, str] = {
     "defines_elbo": "a prior density p(z) and an ELBO (the importance-sampled likelihood applies)",
     "continuous_latent": "encode(x) returns a posterior with a continuous mean (B, D), not code indices",
 }
-
-
-class UnsupportedModelError(VaekitError, TypeError):
-    """A score needs a model capability (a class-level flag) that this model's family lacks."""
-
-
-class NotFittedError(VaekitError, AttributeError):
-    """A fitted object (score statistics, detector, typicality test) was used before ``fit``."""
 
 
 def has_capability(model: Any, capability: str) -> bool:
