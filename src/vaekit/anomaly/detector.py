@@ -41,7 +41,7 @@ def model_fingerprint(model: Any) -> dict[str, str]:
     for name, t in sorted(model.state_dict().items()):
         h.update(name.encode())
         h.update(str(t.dtype).encode() + str(tuple(t.shape)).encode())
-        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return {"family": getattr(model, "family", "") or type(model).__name__, "weights_sha256": h.hexdigest()}
 
 
