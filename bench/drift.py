@@ -300,8 +300,18 @@ def run_dataset(name: str, m: dict[str, Any], other: torch.Tensor, args) -> dict
                 sl = slice(lo, lo + nap)
                 alibi["power"][sc] = {"KSDrift": float(np.mean(res["ks"][sl])),
                                       "MMDDrift": float(np.mean(res["mmd"][sl]))}
+    # why the brief's fixed rules fire with no drift: the reference itself, scored by them
+    ref_window = make_window([ref_stats])
+    fixed_moments = detectors["moments_fixed"].score(ref_window)
+    reference_facts = {
+        "q(z) mean": fixed_moments.details["mean"], "q(z) var": fixed_moments.details["var"],
+        "dims breaking |mean| <= 0.1 or var >= 0.8": fixed_moments.details["flagged"],
+        "share with ||z|| > 5": float((ref_stats["latent_norm"] > 5).mean()),
+        "latent_norm p50/p99": [float(np.quantile(ref_stats["latent_norm"], q)) for q in (0.5, 0.99)],
+    }
     return {
         "model": m["info"], "new_class": m["class_name"], "other_dataset": other_name(name),
+        "reference_facts": reference_facts,
         "sizes": {"reference": n_ref, "gate_calibration": n_gate, "window_pool": len(win_imgs),
                   "new_class_images": len(m["new_class"]), "window": W, "step": args.step, "stream": args.stream},
         "prep_s": round(prep_s, 1), "far": far, "far_windows": args.far_windows,
