@@ -111,7 +111,8 @@ def train_run(run_dir: Path, cfg: Any, data, data_cfg: DataConfig, args, *, seco
 
 def fid_tools(data):
     """(fid(images) -> float, classifier, "") on the vaekit MNIST extractor, or (None, None, why) without one."""
-    from vaekit.evaluation.fid import fid, load_extractor
+    from vaekit.evaluation.extractor import load_extractor
+    from vaekit.evaluation.fid import fid
 
     try:
         extractor = load_extractor("mnist")

@@ -12,6 +12,7 @@ from common import (
 )
 
 from vaekit.data import load_dataset
+from vaekit.evaluation.mig import dsprites_mig
 from vaekit.models import TCVAEConfig, VAEConfig
 from vaekit.training import DataConfig
 
@@ -19,30 +20,12 @@ from vaekit.training import DataConfig
 def mig_scores(model, args) -> dict[str, float]:
     """MIG with both issue-4 estimators: histogram (on ``--mig-examples`` images) and sampling-based
     (aggregate posterior over ``--mig-sampling`` images), on uniformly drawn dSprites images."""
-    from vaekit.evaluation.mig import dsprites_mig  # issue 4
 
     res = dsprites_mig(model, n_histogram=args.mig_examples, n_sampling=args.mig_sampling, seed=0)
     return {"mig_histogram": res["histogram"]["mig_histogram"], "mig_sampling": res["sampling"]["mig_sampling"]}
 
 
-def dsprites_missing() -> str:
-    """Why the dSprites section cannot run yet ('' when it can)."""
-    from vaekit.data import LOADERS
-
-    if "dsprites" not in LOADERS:
-        return "the dsprites dataset is not available (issue 4 not merged)"
-    try:
-        from vaekit.evaluation import mig  # noqa: F401
-    except ImportError:
-        return "vaekit.evaluation.mig is not available (issue 4 not merged)"
-    return ""
-
-
 def run(args) -> dict[str, Any]:
-    why = dsprites_missing()
-    if why:
-        print(f"dsprites section skipped: {why}")
-        return {"skipped": why}
     data = load_dataset("dsprites")
     dc = DataConfig(dataset="dsprites", train_subset=args.dsprites_train, test_subset=2000)
     shape = tuple(data.image_shape)
