@@ -291,3 +291,29 @@ def test_reference_from_profile_maps_names():
     ref = reference_from_profile(FakeProfile())
     assert ref.latent.shape == (4, 2) and ref.recon_nats.shape == (7,) and ref.latent_norm.shape == (7,)
     assert ref.intensity_hist.sum() == pytest.approx(1.0) and ref.recon_mse is None
+
+
+def test_reference_from_a_real_profile(mnist):
+    """compute_profile on real MNIST images -> Reference -> every default detector fits and scores."""
+    from vaekit import VAE, VAEConfig
+    from vaekit.monitoring.reference import window_from_inspection
+    from vaekit.registry.profile import compute_profile
+
+    torch.manual_seed(0)
+    model = VAE(VAEConfig(latent_dim=4, hidden_sizes=(32,))).eval()
+    held = mnist.test.images[:600].float() / 255.0
+    profile = compute_profile(model, held[:400], source="MNIST test[:400]", sample_size=300, latency_runs=1,
+                              latency_warmup=0)
+    ref = reference_from_profile(profile)
+    assert ref.latent.shape == (300, 4) and ref.recon_mse.shape == (400,) and ref.intensity_hist.shape == (32,)
+    np.testing.assert_allclose(ref.latent_norm, np.linalg.norm(_all_means(model, held[:400]), axis=1), rtol=1e-4)
+    with torch.no_grad():
+        window = window_from_inspection(model.inspect(held[400:]), held[400:])
+    for name, det in default_detectors().items():
+        r = det.fit(ref).score(window)
+        assert r.detector == name and r.n in (200, len(window))
+
+
+def _all_means(model, x):
+    with torch.no_grad():
+        return model.encode(x).mean.double().numpy()
