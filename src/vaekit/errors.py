@@ -139,9 +139,5 @@ def check_positive(name: str, value: Any, *, allow_zero: bool = False, integer: 
         raise ConfigError(f"{name} must be {bound}, got {describe(value)}")
 
 
-class NotFittedError(VaekitError, RuntimeError):
-    """A detector, gate or threshold fitted on reference data was used before ``fit``."""
-
-
 class WebhookError(VaekitError, RuntimeError):
     """A webhook alert sink gave up: every attempt failed (the last status or error is in the message)."""
