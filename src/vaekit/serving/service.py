@@ -203,7 +203,7 @@ class ModelService:
         self.max_batch_size, self.max_wait_ms = max_batch_size, float(max_wait_ms)
         self.latent_norm_limit, self.max_images = float(latent_norm_limit), max_images
         self.poll_interval_s, self.threads, self.warmup = poll_interval_s, threads, warmup
-        self.observers: list[Callable[[str, str, int, Stats | None], None]] = []
+        self.observers: list[Callable[[list[Result], int], None]] = []  # (results of a batch, images in it)
         self.swap_listeners: list[Callable[[str | None, str], None]] = []
         self.sink = sink
         self._post: RecordDispatcher | None = None  # observers + records, on one background thread
@@ -465,8 +465,7 @@ class ModelService:
     def _after(self, results: list[Result], batch: int) -> list[RequestRecord]:
         """Runs on the records thread: the metrics observers, then the request records for the sink."""
         for fn in self.observers:
-            for r in results:
-                fn(r.endpoint, r.version, batch, r.stats)
+            fn(results, batch)
         return [rec for r in results for rec in _records(r)] if self.sink is not None else []
 
     def _compute(self, dep: Deployment, payloads: list[_Payload]) -> list[Result]:
