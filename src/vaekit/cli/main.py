@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from vaekit import __version__
-from vaekit.cli import checkpoints, data, evaluate, fid_extractor, images, prior, train
+from vaekit.cli import checkpoints, data, evaluate, fid_extractor, images, prior, serve, train
 from vaekit.errors import VaekitError
 
 
@@ -22,6 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     checkpoints.add_parser(sub)
     fid_extractor.add_parser(sub)
     prior.add_parser(sub)
+    serve.add_parser(sub)
     return parser
 
 
