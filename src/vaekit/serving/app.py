@@ -115,9 +115,18 @@ async def images_call(request: Request, name: str, endpoint: str) -> Response:
     """Parse the body for ``endpoint``, run it on the service, answer JSON or PNG."""
     label(request, endpoint)
     svc = get_service(request, name)
-    body = await read_body(request)
-    kwargs = parse_inputs(request, endpoint, body)
-    result = await asyncio.wrap_future(svc.submit(endpoint, request_id=request_id(request), **kwargs))
+    st = state(request)
+    st.in_flight += 1
+    try:
+        body = await read_body(request)
+        kwargs = parse_inputs(request, endpoint, body)
+        # Let the other ready requests of this loop turn reach this point; if none did, this one is
+        # alone and runs inline (no thread hand-off), else it joins a micro-batch on the worker.
+        await asyncio.sleep(0)
+        fut = svc.submit(endpoint, request_id=request_id(request), alone=st.in_flight == 1, **kwargs)
+        result = fut.result() if fut.done() else await asyncio.wrap_future(fut)
+    finally:
+        st.in_flight -= 1
     return render(request, svc, result)
 
 

@@ -5,6 +5,11 @@ the same ``key`` until the batch holds ``max_batch_size`` images or ``max_wait_m
 since it started gathering. A lone client pays no wait: when the previous batch held one job and
 nothing else is queued, the batch runs at once (the wait only pays off under concurrency).
 ``max_batch_size=1`` turns coalescing off (every job runs alone, in arrival order).
+
+``try_inline(job)`` runs a job in the caller's thread when the worker is idle and nothing is
+queued (the two never run at once): a caller that knows it is alone (the HTTP app checks that no
+other request is in flight) skips the thread hand-off, which on a busy machine costs more than a
+small model's forward pass.
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ class MicroBatcher:
         self._queue: deque[Job] = deque()
         self._cv = threading.Condition()
         self._closed = False
+        self._running = False  # a batch is running (on the worker, or inline in a caller)
         self._last_jobs = 1
         self.batches = 0
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
@@ -75,12 +81,34 @@ class MicroBatcher:
         self._queue = kept
         return taken
 
+    def try_inline(self, job: Job) -> bool:
+        """Run ``job`` now in this thread if the worker is idle and nothing waits; False otherwise
+        (then ``submit`` it). Its future is set either way when this returns True."""
+        with self._cv:
+            if self._running or self._queue or self._closed:
+                return False
+            self._running = True
+        try:
+            self.run([job])
+        except BaseException as exc:
+            if not job.future.done():
+                job.future.set_exception(exc)
+        finally:
+            with self._cv:
+                self._running = False
+                self._last_jobs = 1
+                self._cv.notify_all()
+        return True
+
     def _next_batch(self) -> list[Job] | None:
         with self._cv:
-            while not self._queue and not self._closed:
+            while (not self._queue or self._running) and not self._closed:
+                self._cv.wait()
+            while self._running:  # closing: let an inline job finish first
                 self._cv.wait()
             if not self._queue:
                 return None
+            self._running = True
             first = self._queue.popleft()
             batch, n = [first], first.n
             if first.key is None or self.max_batch_size == 1:
@@ -111,6 +139,10 @@ class MicroBatcher:
                 for job in batch:
                     if not job.future.done():
                         job.future.set_exception(exc)
+            finally:
+                with self._cv:
+                    self._running = False
+                    self._cv.notify_all()
 
     def close(self, timeout: float = 10.0) -> None:
         """Finish the queued jobs, then stop the worker."""

@@ -26,6 +26,7 @@ class ServingState:
     max_body_bytes: int
     metrics: Metrics
     admin_enabled: bool = False
+    in_flight: int = 0  # model requests between entry and answer (event-loop thread only: no lock)
     extra: dict[str, Any] = field(default_factory=dict)
 
 

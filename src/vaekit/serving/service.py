@@ -352,15 +352,21 @@ class ModelService:
         return self.submit("generate", n=n, y=y, seed=seed, request_id=request_id).result()
 
     def submit(self, endpoint: str, *, x: Any = None, y: Any = None, n: int | None = None, seed: int | None = None,
-               request_id: str | None = None) -> Future:
+               request_id: str | None = None, alone: bool = False) -> Future:
         """Validate the request now (InputError raised here, in the caller's thread) and queue it;
-        the future resolves to a :class:`Result` (or raises InputError for a fault found later)."""
+        the future resolves to a :class:`Result` (or raises InputError for a fault found later).
+
+        ``alone``: the caller knows no other request is in flight; when the worker is idle the job
+        then runs in this thread at once (the future is already done on return)."""
         if self._batcher is None:
             raise RuntimeError("the service is not started: call start()")
         payload = self.prepare(endpoint, x=x, y=y, n=n, seed=seed, request_id=request_id)
         key = None if endpoint == "generate" else (endpoint, None if payload.y is None else payload.y.dtype,
                                                    payload.x.dtype)
-        return self._batcher.submit(Job(key, payload.n, payload))
+        job = Job(key, payload.n, payload)
+        if alone and self._batcher.try_inline(job):
+            return job.future
+        return self._batcher.submit(job)
 
     def prepare(self, endpoint: str, *, x: Any = None, y: Any = None, n: int | None = None, seed: int | None = None,
                 request_id: str | None = None) -> _Payload:
