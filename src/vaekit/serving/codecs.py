@@ -92,10 +92,15 @@ def array_from_json(value: Any, field: str, integer: bool = False) -> np.ndarray
         if math.prod(shape) != len(data):
             raise invalid(f"{field}.shape", f"{field}.shape {shape} holds {math.prod(shape)} values but "
                           f"{field}.data has {len(data)}", shape, f"a shape whose product is {len(data)}")
-        arr = np.asarray(data, dtype=np.float64)
+        try:
+            arr = np.asarray(data, dtype=np.float64)
+        except OverflowError:
+            raise invalid(f"{field}.data", f"{field}.data holds numbers beyond float64", None, "numbers") from None
         return _cast(arr, field, integer).reshape(shape)
     try:
         arr = np.asarray(value)
+    except OverflowError:
+        raise invalid(field, f"{field} holds integers beyond 64 bits", None, "numbers") from None
     except ValueError:
         raise invalid(field, f"{field} must be a rectangular nested list of numbers (rows of equal length)",
                       value, "a nested list (B, ...) with rows of equal length") from None
@@ -107,9 +112,12 @@ def array_from_json(value: Any, field: str, integer: bool = False) -> np.ndarray
 
 def _cast(arr: np.ndarray, field: str, integer: bool) -> np.ndarray:
     if not integer:
-        return arr.astype(np.float32, copy=False)
+        with np.errstate(over="ignore"):  # beyond float32: inf, which the model's input check names
+            return arr.astype(np.float32, copy=False)
     if arr.dtype.kind == "f" and not (np.all(np.isfinite(arr)) and np.all(arr == np.round(arr))):
         raise invalid(field, f"{field} must hold integers", None, "integers")
+    if arr.size and np.abs(arr).max() >= 2**62:
+        raise invalid(field, f"{field} holds integers too large for int64", None, "integers below 2**62")
     return arr.astype(np.int64)
 
 
