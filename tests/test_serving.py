@@ -501,7 +501,7 @@ def test_metrics_use_prometheus_names_and_two_apps_do_not_collide(vae_dir):
         text = a.get("/metrics").text
         v = svc_a.version
         assert f'vaekit_requests_total{{endpoint="score",status="200",version="{v}"}} 3.0' in text
-        assert 'vaekit_requests_total{endpoint="score",status="422",version=""} 1.0' in text
+        assert f'vaekit_requests_total{{endpoint="score",status="422",version="{v}"}} 1.0' in text
         assert 'vaekit_request_duration_seconds_bucket{endpoint="score",le="0.0005"}' in text
         assert f'vaekit_recon_error_nats_count{{model="a",version="{v}"}} 6.0' in text
         for name in ("vaekit_kl_nats_count", "vaekit_latent_norm_count", "vaekit_recon_mse_count",

@@ -387,6 +387,9 @@ def create_app(services: ModelService | Sequence[ModelService], *, max_body_byte
 
     @app.exception_handler(Problem)
     async def on_problem(request: Request, exc: Problem) -> Response:
+        svc = by_name.get(request.path_params.get("name", ""))
+        if svc is not None and svc.ready:  # errors name the version that refused them, too
+            exc.headers.setdefault("X-Model-Version", svc.version)
         return oip.error_response(exc) if request.url.path.startswith("/v2/") else problem_response(exc)
 
     @app.exception_handler(InputError)

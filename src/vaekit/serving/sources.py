@@ -103,7 +103,12 @@ class FolderSource:
                      (os.stat(self.path / p) for p in ("config.json", "model.safetensors")))
 
     def current_version(self) -> str:
-        stamp = self._stat()
+        try:
+            stamp = self._stat()
+        except FileNotFoundError:  # the folder is being replaced (two renames): nothing new yet
+            if self._version:
+                return self._version
+            raise
         if stamp != self._stamp:
             self._version, self._stamp = _digest(self.path), stamp
         return self._version
