@@ -191,13 +191,12 @@ def render(request: Request, svc: ModelService, r: Result) -> Response:
     profile = {"available": r.profile_available, "latent_norm_limit": svc.latent_norm_limit}
     if r.profile_available and dep.version == r.version:
         profile.update(dep.thresholds)
-    results = []
     s = r.stats
+    results = s.images()
     lists = {k: v.tolist() for k, v in r.outputs.items()}
     latent = s.latent.tolist() if s.latent is not None else None
     codes = s.codes.tolist() if s.codes is not None else None
-    for i in range(r.n):
-        item = s.image(i)
+    for i, item in enumerate(results):
         if r.endpoint == "score":
             item["latent"] = latent[i] if latent is not None else None
             if codes is not None:
@@ -205,7 +204,6 @@ def render(request: Request, svc: ModelService, r: Result) -> Response:
         else:
             for k, v in lists.items():
                 item[k] = v[i]
-        results.append(item)
     return json_response({"model": r.model, "version": r.version, "request_id": r.request_id,
                           "profile": profile, "results": results}, headers=headers)
 

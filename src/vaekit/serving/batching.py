@@ -97,7 +97,8 @@ class MicroBatcher:
             with self._cv:
                 self._running = False
                 self._last_jobs = 1
-                self._cv.notify_all()
+                if self._queue or self._closed:  # wake the worker only when it has work waiting on us:
+                    self._cv.notify_all()  # a needless wake costs a thread switch per request
         return True
 
     def _next_batch(self) -> list[Job] | None:
@@ -142,7 +143,6 @@ class MicroBatcher:
             finally:
                 with self._cv:
                     self._running = False
-                    self._cv.notify_all()
 
     def close(self, timeout: float = 10.0) -> None:
         """Finish the queued jobs, then stop the worker."""

@@ -124,16 +124,20 @@ class Stats:
 
     def image(self, i: int) -> dict[str, Any]:
         """Image ``i``'s figures as plain Python data (what the HTTP response and records carry)."""
-        def f(t):
-            return None if t is None else float(t[i])
+        return self.images()[i]
 
-        def b(t):
-            return None if t is None else bool(t[i])
+    def images(self) -> list[dict[str, Any]]:
+        """Every image's figures as plain Python data (one ``tolist`` per tensor, not per value)."""
+        n = next((int(t.shape[0]) for t in self.__dict__.values() if t is not None), 0)
+        none = [None] * n
 
-        return {"recon_mse": f(self.recon_mse), "recon_nats": f(self.recon_nats), "kl": f(self.kl),
-                "latent_norm": f(self.latent_norm),
-                "verdicts": {"recon_above_p99": b(self.recon_above_p99),
-                             "latent_norm_above_limit": b(self.latent_norm_above_limit)}}
+        def col(t):
+            return none if t is None else t.tolist()
+
+        mse, nats, kl, norm = col(self.recon_mse), col(self.recon_nats), col(self.kl), col(self.latent_norm)
+        above, limit = col(self.recon_above_p99), col(self.latent_norm_above_limit)
+        return [{"recon_mse": mse[i], "recon_nats": nats[i], "kl": kl[i], "latent_norm": norm[i],
+                 "verdicts": {"recon_above_p99": above[i], "latent_norm_above_limit": limit[i]}} for i in range(n)]
 
 
 @dataclass
@@ -492,8 +496,8 @@ class ModelService:
                 x = (torch.cat([p.x for p in payloads]) if len(payloads) > 1 else payloads[0].x).to(dev)
                 if endpoint == "decode":
                     outputs["images"] = model.decode(x, y).mean.float().cpu()
-                    stats = Stats(latent_norm=None if model.discrete_latent else x.float().norm(dim=1).cpu())
-                    if stats.latent_norm is not None:
+                    if not model.discrete_latent:  # code indices have no norm worth reporting
+                        stats = Stats(latent_norm=x.float().norm(dim=1).cpu())
                         stats.latent_norm_above_limit = stats.latent_norm > self.latent_norm_limit
                 else:
                     ins = model.inspect(x, y)
@@ -550,18 +554,19 @@ def _records(r: Result) -> list[RequestRecord]:
     arrived = r.arrived
     out = []
     s = r.stats
+    per = s.images() if s is not None and r.n else None
+    latent = s.latent.tolist() if s is not None and s.latent is not None else None
+    codes = s.codes.tolist() if s is not None and s.codes is not None else None
     for i in range(r.n):
         rec = RequestRecord(time=arrived, request_id=r.request_id, model=r.model, version=r.version,
                             endpoint=r.endpoint, latency_s=r.latency_s, index=i, batch_size=r.batch_size)
-        if s is not None:
-            d = s.image(i)
+        if per is not None:
+            d = per[i]
             rec.recon_mse, rec.recon_nats, rec.kl, rec.latent_norm = (d["recon_mse"], d["recon_nats"], d["kl"],
                                                                       d["latent_norm"])
             rec.verdicts = d["verdicts"]
-            if s.latent is not None:
-                rec.latent = s.latent[i].tolist()
-            if s.codes is not None:
-                rec.codes = s.codes[i].tolist()
+            rec.latent = latent[i] if latent is not None else None
+            rec.codes = codes[i] if codes is not None else None
         out.append(rec)
     return out
 
