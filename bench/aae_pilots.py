@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import families as F  # noqa: E402
-from common import RESULTS, print_table, write_results  # noqa: E402
+from common import RESULTS, print_table, train_run, write_results  # noqa: E402
+from sections import aae as A  # noqa: E402
 
 from vaekit.data import load_dataset  # noqa: E402
 from vaekit.data.dataset import to_unit_float  # noqa: E402
@@ -54,11 +54,11 @@ def main() -> None:
     cfg = AAEConfig(**BASE, **VARIANTS[args.variant])
     key = f"{args.variant}-s{args.seed}-b{args.batch}"
     run_dir = Path(args.runs) / key
-    model, info = F.train_run(run_dir, cfg, data, DataConfig(dataset="mnist", validation=F.AAE_VALIDATION), args,
-                              seconds=args.seconds, batch_size=args.batch, seed=args.seed, select=F.AAE_SELECT)
+    model, info = train_run(run_dir, cfg, data, DataConfig(dataset="mnist", validation=A.AAE_VALIDATION), args,
+                              seconds=args.seconds, batch_size=args.batch, seed=args.seed, select=A.AAE_SELECT)
     x, y = to_unit_float(data.test.images), data.test.labels
-    figs = F.aae_figures(model.eval(), x, y, args, f"aae_pilot_{key}.png")
-    last = F.last_weights_figures(run_dir, cfg, x, y, args, f"aae_pilot_{key}_last.png")
+    figs = A.aae_figures(model.eval(), x, y, args, f"aae_pilot_{key}.png")
+    last = A.last_weights_figures(run_dir, cfg, x, y, args, f"aae_pilot_{key}_last.png")
     entry = {"variant": args.variant, "config": VARIANTS[args.variant], "seed": args.seed, "batch": args.batch,
              "seconds": args.seconds, **info,
              **{k: v for k, v in figs.items() if k.startswith(("mmd_codes", "mode", "within", "class", "scatter"))},
@@ -66,7 +66,7 @@ def main() -> None:
     path = RESULTS / "aae_pilots.json"
     runs = json.loads(path.read_text()).get("runs", {}) if path.is_file() else {}
     runs[key] = entry
-    write_results("aae_pilots", {"protocol": {"validation": F.AAE_VALIDATION, "select": str(F.AAE_SELECT)},
+    write_results("aae_pilots", {"protocol": {"validation": A.AAE_VALIDATION, "select": str(A.AAE_SELECT)},
                                  "runs": runs})
     checks = [v for _, v in info["selected"]["checks"]]
     print_table(["run", "steps", "selected step", "test MMD^2 selected", "test MMD^2 last", "held-out min", "max"],

@@ -1,5 +1,6 @@
 import json
 
+import pytest
 from PIL import Image
 
 from vaekit.cli.main import main
@@ -59,3 +60,34 @@ def test_checkpoints_verb_lists_history_and_fallback(tmp_path, capsys, mnist):
     out = capsys.readouterr().out
     assert "initial" in out and "epoch" in out and "fallback: step-" in out
     assert main(["checkpoints", str(tmp_path)]) == 2
+
+
+def test_dry_run_makes_the_checks_of_a_real_run(capsys, tmp_path, mnist):
+    base = [f"out_dir={tmp_path}", "name=d"]
+    sets = lambda *extra: ["train", "--dry-run"] + [a for s in (*base, *extra) for a in ("--set", s)]  # noqa: E731
+    assert main(sets("data.train_subset=70000")) == 2  # checked against the dataset, which a dry run now loads
+    assert "data.train_subset (70000) is larger than the train split" in capsys.readouterr().err
+    assert main(sets("select.metric=val_loss")) == 2
+    assert "data.validation" in capsys.readouterr().err
+    assert main(sets("train.device=cuda:0")) == (0 if __import__("torch").cuda.is_available() else 2)
+    capsys.readouterr()
+    assert main(sets()) == 0
+    assert "every check passed; nothing was written" in capsys.readouterr().out
+    assert not (tmp_path / "d").exists()
+
+
+def test_output_paths_are_checked_before_any_work(tmp_path, capsys):
+    from vaekit.cli.common import check_output_path
+    from vaekit.errors import StorageError
+
+    (tmp_path / "afile").write_text("x")
+    # no model is needed: the -o check comes first
+    assert main(["sample", str(tmp_path / "no-model"), "-o", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "is a directory" in err and str(tmp_path / "samples.png") in err
+    assert main(["reconstruct", str(tmp_path / "no-model"), "-o", str(tmp_path / "afile" / "r.png")]) == 2
+    assert "not a directory" in capsys.readouterr().err
+    assert check_output_path(tmp_path / "new" / "deeper" / "e.json") == tmp_path / "new" / "deeper" / "e.json"
+    assert not (tmp_path / "new").exists(), "the check creates nothing"
+    with pytest.raises(StorageError, match="is a directory"):
+        check_output_path(tmp_path, "-o", "eval.json")

@@ -69,3 +69,40 @@ def test_dataclass_validation_on_creation():
         from vaekit.models import VAE
 
         VAE(VAEConfig(architecture="conv", conv_channels=(8, 8, 8)))
+
+
+@pytest.mark.parametrize(
+    "yaml_text, fragments",
+    [
+        ("data:\n  binarize: no\n", ["data.binarize must be one of", "you wrote no (c.yaml line 2)", "boolean False"]),
+        ("train:\n  epochs: 010\n", ["train.epochs must be an integer", "you wrote 010 (c.yaml line 2)", "octal"]),
+        ("model:\n  hidden_sizes: [400, 0200]\n", ["model.hidden_sizes[1]", "you wrote 0200 (c.yaml line 2)"]),
+        ("monitor:\n  on_collapse: off\n", ["monitor.on_collapse", "you wrote off (c.yaml line 2)"]),
+    ],
+)
+def test_yaml_type_surprises_are_reported_with_the_text_written(tmp_path, yaml_text, fragments):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml_text)
+    with pytest.raises(ConfigError) as exc:
+        load_run_config(path)
+    for fragment in fragments:
+        assert fragment in str(exc.value), str(exc.value)
+
+
+def test_yaml_numbers_read_as_written(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("name: 2024-01-01\ntrain:\n  lr: 3e-4\n  progress: yes\n")  # PyYAML: a date, text, True
+    cfg = load_run_config(path)
+    assert cfg.name == "2024-01-01" and cfg.train.lr == 3e-4 and cfg.train.progress is True
+    with pytest.raises(ConfigError, match=r"you wrote 010 \(--set 'model.latent_dim=010'\)"):
+        load_run_config(None, ["model.latent_dim=010"])  # PyYAML: silently 8
+
+
+def test_a_subset_larger_than_its_split_is_an_error(mnist_small):
+    from vaekit.training.config import DataConfig
+
+    with pytest.raises(ConfigError, match=r"data.train_subset \(5000\) is larger than the train split"):
+        DataConfig(train_subset=5000).check_sizes(mnist_small)
+    with pytest.raises(ConfigError, match=r"data.test_subset \(501\) is larger than the test split .*500"):
+        DataConfig(test_subset=501).check_sizes(mnist_small)
+    DataConfig(train_subset=2000, test_subset=500).check_sizes(mnist_small)

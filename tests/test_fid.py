@@ -9,15 +9,8 @@ from scipy import linalg
 
 from vaekit.data import ImageDataset
 from vaekit.errors import InputError, ModelFormatError
-from vaekit.evaluation.fid import (
-    FeatureStats,
-    feature_stats,
-    fid,
-    frechet_distance,
-    load_extractor,
-    reference_stats,
-    train_extractor,
-)
+from vaekit.evaluation.extractor import load_extractor, train_extractor
+from vaekit.evaluation.fid import FeatureStats, feature_stats, fid, frechet_distance, reference_stats
 
 
 def _random_gaussian(rng, d):
@@ -97,10 +90,12 @@ def tiny_extractor(tmp_path_factory, mnist):
 
 def test_extractor_artifact_round_trip_and_reproducibility(tiny_extractor, tmp_path):
     folder, small = tiny_extractor
-    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "metrics.json", "model.safetensors"]
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "manifest.json", "metrics.json",
+                                                        "model.safetensors"]
     ext = load_extractor("mnist", folder)
     metrics = json.loads((folder / "metrics.json").read_text())
     assert ext.test_accuracy == metrics["test_accuracy"] > 0.5  # far above chance (0.1) after one small epoch
+    assert ext.artifact.kind == "fid-extractor" and ext.artifact.path == folder and ext.artifact.metrics == metrics
     x = small.test.images[:10].float() / 255
     assert ext.features(x).shape == (10, 128) and ext.predict(x).shape == (10,)
     again = load_extractor("mnist", train_extractor("mnist", out_dir=tmp_path / "again", seed=0, epochs=1, data=small))
@@ -114,14 +109,20 @@ def test_missing_extractor_tells_the_user_what_to_run(tmp_path):
         load_extractor("cifar10")
 
 
-def test_reference_stats_are_cached_and_fid_of_the_test_split_is_zero(tiny_extractor):
+def test_reference_stats_are_cached_and_fid_of_the_test_split_is_zero(tiny_extractor, tmp_path, monkeypatch):
+    monkeypatch.setenv("VAEKIT_CACHE", str(tmp_path / "cache"))
     folder, small = tiny_extractor
     ext = load_extractor("mnist", folder)
     mu, sigma = reference_stats("mnist", "test", ext, data=small)
-    cached = list(folder.glob("stats-test-*.safetensors"))
+    cached = list((tmp_path / "cache" / "fid-stats" / "mnist").glob("stats-test-*.safetensors"))
     assert len(cached) == 1 and ext.weights_hash() in cached[0].name
+    assert not list(folder.glob("stats-*"))  # never inside the artifact: its files are fixed by the manifest
+    load_extractor("mnist", folder)  # still verifies
     mu2, _ = reference_stats("mnist", "test", ext, data=None)  # read from the cache: no data needed
     assert np.array_equal(mu, mu2)
+    cached[0].write_bytes(cached[0].read_bytes()[:20])  # a damaged cache file is recomputed, not an error
+    mu3, _ = reference_stats("mnist", "test", ext, data=small)
+    assert np.array_equal(mu, mu3)
     test_images = small.test.images.float() / 255
     assert abs(fid(test_images, "mnist", ext)) < 1e-4
     noise = torch.rand(1000, 1, 28, 28, generator=torch.Generator().manual_seed(0))
@@ -147,3 +148,34 @@ def test_cli_info_prints_the_artifact(tiny_extractor, capsys):
     assert "test_accuracy" in out and "weights hash" in out
     assert main(["fid-extractor", "info", "mnist", "--path", str(folder / "missing")]) == 2
     assert "vaekit fid-extractor train mnist" in capsys.readouterr().err
+
+
+def test_extractor_loads_through_the_artifact_code_and_refuses_a_flipped_byte(tiny_extractor, tmp_path):
+    import shutil
+
+    from vaekit.errors import ArtifactIntegrityError
+
+    folder, _ = tiny_extractor
+    for name in ("config.json", "model.safetensors", "metrics.json", "manifest.json"):
+        copy = tmp_path / name.replace(".", "_")
+        shutil.copytree(folder, copy)
+        data = bytearray((copy / name).read_bytes())
+        data[len(data) // 2] ^= 0x01
+        (copy / name).write_bytes(bytes(data))
+        with pytest.raises(ArtifactIntegrityError) as info:
+            load_extractor("mnist", copy)
+        assert info.value.file == name and name in str(info.value)
+
+
+def test_cli_train_stores_the_fid_floor_through_the_artifact(mnist, tmp_path, monkeypatch):
+    """`fid-extractor train` adds the FID floor to metrics.json by rewriting the artifact (manifest included)."""
+    from vaekit.artifact import read_artifact
+
+    small = ImageDataset("mnist", mnist.train.subset(300), mnist.test.subset(200), mnist.classes)
+    monkeypatch.setenv("VAEKIT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr("vaekit.data.load_dataset", lambda name, **_: small)
+    from vaekit.cli.main import main
+
+    assert main(["fid-extractor", "train", "mnist", "--out", str(tmp_path / "ext"), "--epochs", "1"]) == 0
+    art = read_artifact(tmp_path / "ext", "fid-extractor")
+    assert art.metrics["fid_train10k_vs_test"] >= 0 and "test_accuracy" in art.metrics

@@ -122,3 +122,15 @@ def test_every_part_carries_its_own_keys(small, tmp_path):
         assert part.summary(r) and f"## {part.title}" in md
     labels = [label for label, _ in summary_rows(rep)]
     assert labels[0] == "mig" and "-ELBO" in labels and "MSE" in labels
+
+
+def test_cli_evaluate_checks_its_output_path_before_evaluating(tmp_path, capsys, mnist):
+    torch.manual_seed(0)
+    VAE(VAEConfig(latent_dim=2, hidden_sizes=(16,))).save(tmp_path / "m")
+    (tmp_path / "afile").write_text("x")
+    for argv, match in (([ "-o", str(tmp_path)], "is a directory"),
+                        (["-o", str(tmp_path / "afile" / "r.json")], "not a directory"),
+                        (["--metrics", "elbo", "--report-dir", str(tmp_path / "afile")], "not a directory")):
+        assert main(["evaluate", str(tmp_path / "m"), *argv]) == 2
+        captured = capsys.readouterr()
+        assert match in captured.err and "evaluating" not in captured.out  # refused before any work

@@ -140,14 +140,39 @@ def test_step_records_hold_loss_terms_and_throughput(mnist_small, tmp_path):
     assert rec["loss"] == pytest.approx(rec["recon"] + rec["kl"], rel=1e-5)
 
 
-def test_starting_afresh_sets_the_old_checkpoints_aside(mnist_small, tmp_path):
-    """--no-resume over an older, longer run: a later resume must continue the new run, not the old."""
+def test_starting_afresh_keeps_the_earlier_run_in_previous(mnist_small, tmp_path):
+    """--no-resume over an older, longer run: the older run's checkpoints, log and model move to
+    previous/1 (never deleted), and a later resume continues the new run, not the old."""
     _trainer(mnist_small, tmp_path, max_steps=20).fit()
-    with pytest.warns(UserWarning, match="checkpoints.previous"):
+    old_log = (tmp_path / "metrics.jsonl").read_bytes()
+    old_weights = (tmp_path / "model" / "model.safetensors").read_bytes()
+    with pytest.warns(UserWarning, match="previous/1"):
         fresh = _trainer(mnist_small, tmp_path, max_steps=10).fit(resume=False)
     assert fresh.steps == 10
     steps = [s for s, _ in list_checkpoints(tmp_path / "checkpoints")]
     assert max(steps) == 10, steps
-    assert 20 in [s for s, _ in list_checkpoints(tmp_path / "checkpoints.previous")]
+    prev = tmp_path / "previous" / "1"
+    assert 20 in [s for s, _ in list_checkpoints(prev / "checkpoints")]
+    assert (prev / "metrics.jsonl").read_bytes() == old_log
+    assert (prev / "model" / "model.safetensors").read_bytes() == old_weights
+    assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl", "train")] == list(range(1, 11))
     again = _trainer(mnist_small, tmp_path, max_steps=12).fit()
     assert again.resumed_from.endswith("step-000000010.pt") and again.steps == 12
+    with pytest.warns(UserWarning, match="previous/2"):  # a second fresh start: previous/1 stays as it was
+        _trainer(mnist_small, tmp_path, max_steps=5).fit(resume=False)
+    assert (prev / "metrics.jsonl").read_bytes() == old_log
+    assert 12 in [s for s, _ in list_checkpoints(tmp_path / "previous" / "2" / "checkpoints")]
+
+
+def test_nothing_to_resume_from_keeps_the_earlier_results_aside(mnist_small, tmp_path):
+    """Checkpoints gone but a log and a model left: a new start must not append to the old log."""
+    import shutil
+
+    _trainer(mnist_small, tmp_path, max_steps=10).fit()
+    shutil.rmtree(tmp_path / "checkpoints")
+    with pytest.warns(UserWarning, match="nothing to resume from.*previous/1"):
+        res = _trainer(mnist_small, tmp_path, max_steps=5).fit()
+    assert res.resumed_from is None and res.steps == 5
+    assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl", "train")] == [1, 2, 3, 4, 5]
+    assert len(read_metrics(tmp_path / "previous" / "1" / "metrics.jsonl", "train")) == 10
+    assert (tmp_path / "previous" / "1" / "model" / "model.safetensors").is_file()

@@ -4,12 +4,19 @@ A config is a dataclass whose fields carry defaults; :func:`from_dict` builds on
 from plain data (JSON/YAML), rejecting unknown keys and coercing or rejecting
 values by the field's type hint. ``--set key=value`` overrides are parsed by
 :func:`parse_override` and applied with :func:`set_by_path`.
+
+YAML is read with :class:`ConfigLoader`, PyYAML's safe loader with three YAML 1.1 surprises
+taken out: ``1e-3`` is a number (PyYAML reads it as text), and ``010`` (octal 8 in YAML 1.1),
+``1:30`` (sexagesimal 90) and ``2024-01-01`` (a date) stay text, so a number field reports them
+instead of taking a value the user did not write. ``yes``/``no``/``on``/``off`` stay booleans.
+:func:`load_yaml` also keeps the source text of every plain scalar, used only by
+:func:`annotate_error` to show what the user wrote when YAML read it as another type.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
+import re
 import types
 import typing
 from typing import Any, Literal, TypeVar, get_args, get_origin
@@ -19,6 +26,86 @@ import yaml
 from vaekit.errors import ConfigError, describe
 
 T = TypeVar("T")
+
+
+class ConfigLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` with decimal integers only, exponent floats without a dot, no dates."""
+
+
+ConfigLoader.yaml_implicit_resolvers = {
+    ch: [(tag, rx) for tag, rx in rs if tag not in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float",
+                                                    "tag:yaml.org,2002:timestamp")]
+    for ch, rs in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+ConfigLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:int",
+    re.compile(r"^(?:[-+]?(?:0|[1-9][0-9_]*)|[-+]?0x[0-9a-fA-F_]+|[-+]?0b[01_]+)$"), list("-+0123456789"))
+ConfigLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^(?:[-+]?(?:[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?|[0-9][0-9_]*[eE][-+]?[0-9]+"
+               r"|\.[0-9_]+(?:[eE][-+]?[0-9]+)?)|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+    list("-+0123456789."))
+
+# Where each plain scalar of a config came from: dotted path -> (text as written, where, tag).
+Sources = dict[str, tuple[str, str, str]]
+
+
+def _walk(node: yaml.Node, path: str, where: str, out: Sources) -> None:
+    if isinstance(node, yaml.MappingNode):
+        for k, v in node.value:
+            key = str(k.value)
+            _walk(v, f"{path}.{key}" if path else key, where, out)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, v in enumerate(node.value):
+            _walk(v, f"{path}[{i}]", where, out)
+    elif isinstance(node, yaml.ScalarNode) and not node.style:  # quoted text is what the user meant
+        out[path] = (node.value, f"{where} line {node.start_mark.line + 1}", node.tag.rsplit(":", 1)[-1])
+
+
+def load_yaml(text: str, where: str = "") -> tuple[Any, Sources]:
+    """(data, sources) of a YAML document read with :class:`ConfigLoader`; ``sources`` maps the
+    dotted path of each plain scalar to (its text, ``where`` + line, the type YAML gave it)."""
+    loader = ConfigLoader(text)
+    try:
+        node = loader.get_single_node()
+        data = loader.construct_document(node) if node is not None else None
+    finally:
+        loader.dispose()
+    sources: Sources = {}
+    if node is not None:
+        _walk(node, "", where, sources)
+    return data, sources
+
+
+_NUMBERISH = re.compile(r"^[-+]?[0-9][0-9_:.\-]*$")
+
+
+def _surprise(text: str, tag: str) -> str | None:
+    """How YAML's reading of a plain scalar differs from what its text suggests (None: it does not)."""
+    low = text.lower()
+    if tag == "bool" and low not in ("true", "false"):
+        return f"YAML reads {text} as the boolean {low in ('yes', 'y', 'on')}: quote it ('{text}') to mean the text"
+    if tag == "null" and low not in ("null",):
+        return "YAML reads it as null (no value)"
+    if tag == "str" and _NUMBERISH.match(text):
+        if re.fullmatch(r"[-+]?0[0-9_]+", text):
+            return "YAML 1.1 would read a leading zero as octal, vaekit keeps it as text: write the number without it"
+        return "YAML reads it as text, not a number"
+    if tag == "int" and low.lstrip("+-").startswith(("0x", "0b")):
+        return f"YAML reads it as the integer {int(text.replace('_', ''), 0)}"
+    return None
+
+
+def annotate_error(message: str, sources: Sources) -> str:
+    """``message`` plus, for each config key it names whose value YAML read as another type than its
+    text suggests (``yes`` -> true, ``1e-3`` -> text in PyYAML, ``010``), what the user wrote and where."""
+    notes = []
+    for path, (text, where, tag) in sources.items():
+        if not re.search(rf"(?<![\w.]){re.escape(path)}(?![\w\[])", message):
+            continue
+        why = _surprise(text, tag)
+        if why:
+            notes.append(f"{path}: you wrote {text} ({where}); {why}")
+    return message + "".join(f"\n  note: {n}" for n in notes)
 
 
 def field_names(cls: type) -> list[str]:
@@ -117,7 +204,8 @@ def to_dict(config: Any) -> dict[str, Any]:
 
 
 def parse_override(text: str) -> tuple[str, Any]:
-    """Split ``key=value``; the value is read as YAML (so ``1e-3``, ``true``, ``[1,2]`` are typed)."""
+    """Split ``key=value``; the value is read as YAML by :class:`ConfigLoader` (so ``1e-3``, ``true``,
+    ``[1,2]`` are typed; ``010`` stays text)."""
     if "=" not in text:
         raise ConfigError(f"--set expects key=value, got {describe(text)}")
     key, raw = text.split("=", 1)
@@ -125,13 +213,9 @@ def parse_override(text: str) -> tuple[str, Any]:
     if not key:
         raise ConfigError(f"--set expects key=value, got {describe(text)}")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = load_yaml(raw)[0] if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
-    # YAML reads 1e-3 as a string (it wants 1.0e-3); users write 1e-3.
-    if isinstance(value, str):
-        with contextlib.suppress(ValueError):
-            value = float(value) if any(c in value.lower() for c in ".e") else int(value)
     return key, value
 
 

@@ -38,8 +38,40 @@ class ModelFormatError(VaekitError, ValueError):
     """A saved model folder is missing files or holds an unknown model family."""
 
 
+class ArtifactError(ModelFormatError):
+    """A folder is not a readable vaekit artifact: no manifest, a file that is not valid JSON or
+    safetensors, a missing key, an unknown kind or format version."""
+
+
+class ArtifactIntegrityError(ArtifactError):
+    """An artifact's files differ from its manifest (a hash or size mismatch, a missing or an extra file).
+
+    ``problems`` lists every ``(file, problem, expected, actual)`` found; ``file``, ``expected`` and
+    ``actual`` repeat the first one (``expected``/``actual`` are sha256 hex digests for a content
+    mismatch, None for a missing or extra file).
+    """
+
+    def __init__(self, folder: str, problems: list[tuple[str, str, str | None, str | None]]):
+        self.folder, self.problems = folder, problems
+        self.file, _, self.expected, self.actual = problems[0]
+        details = "; ".join(f"{name}: {problem}" for name, problem, _, _ in problems)
+        super().__init__(f"artifact {folder} failed verification ({len(problems)} problem(s)): {details}")
+
+
+class LegacyArtifactWarning(UserWarning):
+    """A folder written before artifacts had a manifest (format v1) was loaded without verifying its files."""
+
+
 class CheckpointError(VaekitError, RuntimeError):
     """A checkpoint could not be written, read or does not match the run."""
+
+
+class RegistryError(VaekitError, RuntimeError):
+    """A registry operation was refused (newer schema, an aliased version deleted, a conflicting change)."""
+
+
+class RegistryLookupError(RegistryError, LookupError):
+    """A registered model, version or alias does not exist."""
 
 
 class TrainingDivergedError(VaekitError, FloatingPointError):
@@ -50,6 +82,30 @@ class TrainingDivergedError(VaekitError, FloatingPointError):
         where = f"last good checkpoint: {last_checkpoint}" if last_checkpoint else "no checkpoint was written yet"
         terms = ", ".join(f"{k}={v}" for k, v in values.items())
         super().__init__(f"non-finite loss at step {step} ({terms}); training stopped; {where}")
+
+
+class RunLockedError(CheckpointError):
+    """Another live process is training into the same run folder (it holds the folder's lock)."""
+
+    def __init__(self, run_dir: str, holder: dict[str, Any]):
+        self.run_dir, self.holder = run_dir, holder
+        who = ", ".join(f"{k} {holder[k]}" for k in ("pid", "host", "started", "command") if holder.get(k))
+        super().__init__(f"{run_dir} is being trained by another process ({who or 'holder unknown'}); "
+                         f"wait for it to finish, stop it, or train into another folder (--set name=...)")
+
+
+class StorageError(VaekitError, OSError):
+    """A file or folder could not be written (no space left, read-only, permission denied, not a folder).
+
+    ``errno`` and ``filename`` are those of the OS error; the message starts with the OS reason."""
+
+    def __init__(self, message: str, errno: int | None = None, filename: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.errno, self.filename = errno, filename
+
+    def __str__(self) -> str:  # OSError's own would print "[Errno N] strerror: filename"
+        return self.message
 
 
 def describe(value: Any) -> str:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +53,31 @@ def train_examples(ds: ImageDataset, data_cfg: dict[str, Any]) -> ImageSplit:
     dc = DataConfig(train_subset=data_cfg.get("train_subset"), validation=data_cfg.get("validation") or 0,
                     validation_seed=data_cfg.get("validation_seed", 0))
     return dc.train_splits(ds.train)[0]
+
+
+def check_output_path(path: str | os.PathLike, option: str = "-o", example: str = "out.json") -> Path:
+    """Check, before any work, that a file can be written at ``path``: not a folder, and the folder
+    it goes in (or the nearest existing one above, the missing ones are created later) is a folder
+    a file can be created in (tried for real with a temporary file, removed at once).
+
+    Raises StorageError naming ``option``, the path and the OS reason; returns ``path`` as a Path."""
+    from vaekit.atomic import storage_error
+    from vaekit.errors import StorageError
+
+    p = Path(path)
+    if p.is_dir():
+        raise StorageError(f"is a directory: {option} {p} is a folder; give a file path such as {p / example}",
+                           errno.EISDIR, str(p))
+    existing = next((d for d in p.parents if d.exists()), Path("."))
+    if not existing.is_dir():
+        raise StorageError(f"not a directory: cannot write {option} {p}: {existing} is a file", errno.ENOTDIR, str(p))
+    try:
+        fd, probe = tempfile.mkstemp(dir=existing, prefix=".vaekit-probe.", suffix=".tmp")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise storage_error(exc, p, f"write {option}") from None
+    return p
 
 
 def print_table(rows: list[tuple[str, Any]], title: str | None = None) -> None:

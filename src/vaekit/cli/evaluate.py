@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from vaekit.cli.common import data_for, open_model, print_table, write_json
+from vaekit.cli.common import check_output_path, data_for, open_model, print_table, write_json
 from vaekit.data.dataset import eval_loader
 from vaekit.errors import InputError
 from vaekit.evaluation.elbo import evaluate_elbo
@@ -48,6 +48,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
+    # a bad output path fails here, before minutes of evaluation
+    if args.out:
+        check_output_path(args.out)
+    if args.report_dir:
+        check_output_path(Path(args.report_dir) / "report.json", option="--report-dir")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, meta, run_dir = open_model(args.model, device)
     ds, data_cfg = data_for(meta, args.dataset, args.data_dir)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 
 from vaekit.cli.common import print_table
 
@@ -27,17 +26,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from vaekit.evaluation.fid import fid_floor, load_extractor, train_extractor
+    from vaekit.artifact import update_metrics
+    from vaekit.evaluation.extractor import load_extractor, train_extractor
+    from vaekit.evaluation.fid import fid_floor
 
     folder = train_extractor(args.dataset, out_dir=args.out, seed=args.seed, epochs=args.epochs,
                              threads=args.threads, progress=True)
     ext = load_extractor(args.dataset, folder)
     floor = fid_floor(args.dataset, ext)
-    metrics = json.loads((folder / "metrics.json").read_text())
-    metrics["fid_train10k_vs_test"] = floor
-    from vaekit.cli.common import write_json
-
-    write_json(folder / "metrics.json", metrics)
+    metrics = {**(ext.artifact.metrics or {}), "fid_train10k_vs_test": floor}
+    update_metrics(folder, metrics)  # the artifact is rewritten with its manifest: never edited in place
     print_table([("test accuracy", ext.test_accuracy), ("FID train (10k) vs test", floor),
                  ("train time s", metrics["train_time_s"]), ("artifact", str(folder))],
                 f"FID extractor for {args.dataset} (seed {args.seed}, {args.epochs} epochs)")
@@ -45,11 +43,11 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def run_info(args: argparse.Namespace) -> int:
-    from vaekit.evaluation.fid import default_extractor_dir, load_extractor
+    from vaekit.evaluation.extractor import default_extractor_dir, load_extractor
 
     folder = args.path or default_extractor_dir(args.dataset)
     ext = load_extractor(args.dataset, folder)
-    metrics = json.loads((ext.artifact_dir / "metrics.json").read_text())
+    metrics = ext.artifact.metrics or {}
     rows = [(k, v) for k, v in metrics.items()] + [("weights hash", ext.weights_hash()), ("artifact", str(folder))]
     print_table(rows, f"FID extractor for {args.dataset}")
     return 0

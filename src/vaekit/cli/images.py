@@ -6,7 +6,7 @@ import argparse
 
 import torch
 
-from vaekit.cli.common import data_for, open_model
+from vaekit.cli.common import check_output_path, data_for, open_model
 from vaekit.data.dataset import eval_loader
 from vaekit.errors import InputError
 from vaekit.evaluation.images import save_grid
@@ -34,6 +34,7 @@ def _check_n(n: int) -> None:
 
 def run_sample(args: argparse.Namespace) -> int:
     _check_n(args.n)
+    check_output_path(args.out, example="samples.png")
     model, _, _ = open_model(args.model)
     torch.manual_seed(args.seed)
     images = model.sample(args.n)
@@ -43,6 +44,7 @@ def run_sample(args: argparse.Namespace) -> int:
 
 def run_reconstruct(args: argparse.Namespace) -> int:
     _check_n(args.n)
+    check_output_path(args.out, example="reconstructions.png")
     model, meta, _ = open_model(args.model)
     ds, data_cfg = data_for(meta, None, args.data_dir)
     x, _ = next(eval_loader(ds.test.subset(args.n), args.n, data_cfg.get("binarize", "none"),

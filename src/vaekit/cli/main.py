@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from vaekit import __version__
-from vaekit.cli import checkpoints, data, evaluate, fid_extractor, images, prior, serve, train
+from vaekit.cli import checkpoints, data, evaluate, fid_extractor, images, prior, registry, serve, train
 from vaekit.errors import VaekitError
 
 
@@ -22,6 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     checkpoints.add_parser(sub)
     fid_extractor.add_parser(sub)
     prior.add_parser(sub)
+    registry.add_parser(sub)
     serve.add_parser(sub)
     return parser
 
@@ -32,6 +33,10 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except VaekitError as exc:
         print(f"vaekit {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a path the OS refused, not caught closer to where it happened: one line
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"vaekit {args.command}: error: {exc.strerror or exc}{where}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"vaekit {args.command}: interrupted", file=sys.stderr)

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import json
 
 import torch
 
 from vaekit.cli.common import data_for, open_model, print_table, resolve_model, train_examples
 from vaekit.errors import InputError
+from vaekit.models.base import read_model_artifact
 from vaekit.models.vqvae import VQVAE
 from vaekit.models.vqvae_prior import train_code_prior
 
@@ -41,8 +41,7 @@ def run(args: argparse.Namespace) -> int:
         binarize=data_cfg.get("binarize", "none"), max_steps=args.max_steps,
         log=lambda r: print(", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in r.items())))
     model_dir, _ = resolve_model(args.model)
-    metrics_path = model_dir / "metrics.json"
-    metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
+    metrics = dict(read_model_artifact(model_dir).metrics or {})  # verified again: never re-bless a changed file
     metrics["prior"] = hist
     model.save(model_dir, metadata=meta, metrics=metrics)
     print_table([("steps", hist["steps"]), ("test nll (nats per grid)", hist["test_nll"][-1]),

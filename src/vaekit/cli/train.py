@@ -8,7 +8,7 @@ import yaml
 
 from vaekit.training.config import load_run_config
 from vaekit.training.distributed import DistInfo
-from vaekit.training.run import train
+from vaekit.training.run import prepare
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -16,8 +16,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("config", nargs="?", help="YAML or JSON run config (sections data, model, train)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set train.lr=3e-4 --set model.latent_dim=32")
-    p.add_argument("--no-resume", action="store_true", help="start afresh even if the run has checkpoints")
-    p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--no-resume", action="store_true",
+                   help="start afresh even if the run has checkpoints (the earlier run is moved to RUN/previous/N)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the resolved config, make every check a real run makes (data, model, device, "
+                        "run folder), and exit without writing")
     p.set_defaults(func=run)
 
 
@@ -30,9 +33,13 @@ def run(args: argparse.Namespace) -> int:
         print("# resolved config")
         print(yaml.safe_dump(config.to_dict(), sort_keys=False).rstrip())
         print(f"# run folder: {config.run_dir}")
+    trainer = prepare(config)  # loads the data and builds the model: the checks a real run makes first
     if args.dry_run:
+        trainer.check(resume=not args.no_resume)
+        if is_main:
+            print("# dry run: every check passed; nothing was written")
         return 0
-    result = train(config, resume=not args.no_resume)
+    result = trainer.fit(resume=not args.no_resume)
     if is_main and DistInfo().is_main:
         print(f"trained {result.steps} steps in {result.wall_time_s:.1f} s"
               + (f" (resumed from {result.resumed_from})" if result.resumed_from else ""))

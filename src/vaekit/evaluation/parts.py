@@ -201,7 +201,8 @@ class FIDPart(ReportPart):
         return None
 
     def run(self, ctx: EvalContext) -> dict[str, Any]:
-        from vaekit.evaluation.fid import fid, fid_floor, load_extractor
+        from vaekit.evaluation.extractor import load_extractor
+        from vaekit.evaluation.fid import fid, fid_floor
 
         name = ctx.dataset.name
         try:
@@ -211,7 +212,7 @@ class FIDPart(ReportPart):
         images = _samples(ctx.model, ctx.config.fid_samples, ctx.config.seed)
         return {"fid": fid(images, name, ext, data=ctx.dataset), "samples": ctx.config.fid_samples,
                 "fid_floor_train_vs_test": fid_floor(name, ext, data=ctx.dataset),
-                "extractor": str(getattr(ext, "artifact_dir", "")), "extractor_test_accuracy": ext.test_accuracy,
+                "extractor": str(ext.artifact.path), "extractor_test_accuracy": ext.test_accuracy,
                 "extractor_weights_hash": ext.weights_hash(), "against": f"{name} test split ({len(ctx.dataset.test)})"}
 
     def render(self, r: dict[str, Any], report: dict[str, Any]) -> list[str]:

@@ -1,14 +1,13 @@
 """The interface every model family implements, its registry, and the on-disk format.
 
-A saved model is a folder holding ``config.json`` (family name, the model config,
-format version, optional extra metadata) and ``model.safetensors`` (weights), plus
-``metrics.json`` when evaluation figures are attached. No pickled code, ever:
-loading looks the family up in :data:`MODEL_REGISTRY` and rebuilds the class.
+A saved model is an artifact of kind ``model`` (:mod:`vaekit.artifact`): ``config.json`` (the
+model config, its ``family`` included, and metadata), ``model.safetensors`` (weights), optional
+``metrics.json`` and a ``manifest.json`` with the sha256 of every file, verified on load. No
+pickled code, ever: loading looks the family up in :data:`MODEL_REGISTRY` and rebuilds the class.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from abc import ABC, abstractmethod
@@ -17,17 +16,24 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-from vaekit.atomic import atomic_folder
+from vaekit.artifact import (
+    Artifact,
+    check_device,
+    config_from_artifact,
+    load_module_state,
+    read_artifact,
+    write_artifact,
+)
 from vaekit.config import from_dict, to_dict
 from vaekit.errors import ConfigError, InputError, ModelFormatError, describe
 from vaekit.nn.distributions import BernoulliLikelihood, DiagonalGaussian, GaussianLikelihood
 from vaekit.objectives.likelihoods import log_standard_normal
 
-FORMAT = "vaekit-model"
-FORMAT_VERSION = 1
+MODEL_KIND = "model"  # the artifact kind of a saved model
+FORMAT = "vaekit-model"  # config.json's format in version 1 folders (before the manifest), still read
+FORMAT_VERSION = 2  # the artifact format version models are written in (vaekit.artifact.FORMAT_VERSION)
 MODEL_REGISTRY: dict[str, type[BaseModel]] = {}
 CAPABILITIES = ("conditional", "gaussian_posterior", "defines_elbo", "discrete_latent", "has_prior_sampler")
 
@@ -278,33 +284,25 @@ class BaseModel(nn.Module, ABC):
     # -- persistence -----------------------------------------------------------------------------
     def save(self, path: str | os.PathLike, metadata: dict[str, Any] | None = None,
              metrics: dict[str, Any] | None = None) -> Path:
-        """Write the model folder atomically (a half-written folder never replaces a good one)."""
-        path = Path(path)
-        with atomic_folder(path) as tmp:
-            doc = {"format": FORMAT, "format_version": FORMAT_VERSION, "family": self.family,
-                   "config": to_dict(self.config), "metadata": metadata or {}}
-            (tmp / "config.json").write_text(json.dumps(doc, indent=2) + "\n")
-            state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-            save_file(state, str(tmp / "model.safetensors"), metadata={"family": self.family})
-            if metrics is not None:
-                (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-        return path
+        """Write the model as an artifact folder at ``path``, atomically (a half-written folder never
+        replaces a good one); ``metadata`` and ``metrics`` are plain JSON data. Returns ``path``."""
+        config = to_dict(self.config)
+        assert config.get("family") == self.family, (config.get("family"), self.family)
+        return write_artifact(path, MODEL_KIND, config, self.state_dict(), metadata or {}, metrics)
+
+
+def read_model_artifact(path: str | os.PathLike) -> Artifact:
+    """The verified artifact of the model folder at ``path`` (a format v1 folder is read unverified,
+    with a LegacyArtifactWarning). ModelFormatError (ArtifactError, ArtifactIntegrityError) otherwise."""
+    return read_artifact(path, MODEL_KIND, allow_legacy=True)
 
 
 def read_model_doc(path: str | os.PathLike) -> dict[str, Any]:
-    """Parse and check a model folder's ``config.json``."""
-    path = Path(path)
-    cfg = path / "config.json"
-    if not cfg.is_file() or not (path / "model.safetensors").is_file():
-        raise ModelFormatError(f"{path} is not a vaekit model folder (needs config.json and model.safetensors)")
-    try:
-        doc = json.loads(cfg.read_text())
-    except json.JSONDecodeError as exc:
-        raise ModelFormatError(f"{cfg} is not valid JSON: {exc}") from exc
-    if doc.get("format") != FORMAT or doc.get("format_version") != FORMAT_VERSION:
-        got = f"{doc.get('format')!r} v{doc.get('format_version')!r}"
-        raise ModelFormatError(f"{cfg}: format {got}, expected {FORMAT!r} v{FORMAT_VERSION}")
-    return doc
+    """The model folder's ``config.json`` content, verified: ``family``, ``config``, ``metadata``
+    (plus ``format``, ``format_version``, ``kind``)."""
+    art = read_model_artifact(path)
+    return {"format": FORMAT, "format_version": art.format_version, "kind": art.kind,
+            "family": art.config.get("family"), "config": art.config, "metadata": art.metadata}
 
 
 def check_class_labels(y: Any, num_classes: int, n: int | None = None, what: str = "class labels") -> torch.Tensor:
@@ -347,14 +345,25 @@ def model_config_from_dict(data: dict[str, Any]) -> Any:
     return from_dict(cls, {**data, "family": family}, prefix="model.")
 
 
+def model_config_from_artifact(art: Artifact) -> Any:
+    """The model config saved in ``art``, strictly: every field present and valid (ModelFormatError naming
+    the file and the field otherwise), the family one of :data:`MODEL_REGISTRY`."""
+    family = art.config.get("family")
+    if family not in MODEL_REGISTRY:
+        what = "has no 'family' field" if family is None else f"family {describe(family)} is unknown"
+        raise ModelFormatError(f"{art.path / 'config.json'}: config {what}; it must be one of {sorted(MODEL_REGISTRY)}")
+    return config_from_artifact(MODEL_REGISTRY[family].config_class, art)
+
+
 def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> BaseModel:
-    """Load a model folder written by :meth:`BaseModel.save` (eval mode, on ``map_location``)."""
-    path = Path(path)
-    doc = read_model_doc(path)
-    config = model_config_from_dict(doc["config"])
-    model = build_model(config)
-    state = load_file(str(path / "model.safetensors"), device=str(map_location))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ModelFormatError(f"{path}: weights do not match the config (missing {missing}, unexpected {unexpected})")
-    return model.to(map_location).eval()
+    """Load a model folder written by :meth:`BaseModel.save` (eval mode, on ``map_location``).
+
+    The manifest is verified first; the config must hold every field of its family's config
+    and the weights exactly the tensors (names, shapes, dtypes) that config builds. Every fault
+    (a changed byte, a missing field or file, a truncated or wrong-size weights file, a device that
+    does not exist here) raises ModelFormatError (or a subclass) naming the file and the problem.
+    """
+    device = check_device(map_location)  # before reading or building anything
+    art = read_model_artifact(path)
+    model = build_model(model_config_from_artifact(art))
+    return load_module_state(model, art, device).eval()

@@ -6,6 +6,7 @@ plus ``name`` and ``out_dir``; the CLI's ``--set section.key=value`` edits it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -14,9 +15,18 @@ from typing import Any, Literal
 
 import yaml
 
-from vaekit.config import field_names, from_dict, parse_override, set_by_path, to_dict
+from vaekit.config import (
+    Sources,
+    annotate_error,
+    field_names,
+    from_dict,
+    load_yaml,
+    parse_override,
+    set_by_path,
+    to_dict,
+)
 from vaekit.data import BINARIZE_MODES, LOADERS
-from vaekit.data.dataset import ImageSplit
+from vaekit.data.dataset import ImageDataset, ImageSplit
 from vaekit.data.sources import resolve_sources
 from vaekit.errors import ConfigError, check_choice, check_positive, describe
 from vaekit.models.base import MODEL_REGISTRY, model_config_from_dict
@@ -54,9 +64,23 @@ class DataConfig:
         check_positive("data.validation", self.validation, allow_zero=True, integer=True)
         check_positive("data.validation_seed", self.validation_seed, allow_zero=True, integer=True)
 
+    def check_sizes(self, dataset: ImageDataset) -> None:
+        """ConfigError when ``train_subset`` or ``test_subset`` asks for more examples than the
+        dataset's split holds, or ``validation`` would leave nothing to train on."""
+        for name, split in (("test_subset", dataset.test), ("train_subset", dataset.train)):
+            n = getattr(self, name)
+            if n is not None and n > len(split):
+                which = name.split("_")[0]
+                raise ConfigError(f"data.{name} ({n}) is larger than the {which} split of {dataset.name!r} "
+                                  f"({len(split)} examples); use at most {len(split)} or leave it unset (all)")
+        self.check_validation(dataset.train)
+
     def check_validation(self, train: ImageSplit) -> ImageSplit:
         """``train_subset`` of a dataset's train split; ConfigError when ``validation`` would leave
-        nothing to train on."""
+        nothing to train on, or ``train_subset`` is larger than the split."""
+        if self.train_subset is not None and self.train_subset > len(train):
+            raise ConfigError(f"data.train_subset ({self.train_subset}) is larger than the train split "
+                              f"({len(train)} examples)")
         train = train.subset(self.train_subset)
         if self.validation >= len(train):
             raise ConfigError(f"data.validation ({self.validation}) must be smaller than the training split "
@@ -194,24 +218,35 @@ def run_config_from_dict(data: dict[str, Any] | None) -> RunConfig:
 
 def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
     """Parse a YAML or JSON config file into plain data."""
+    return _read_config(path)[0]
+
+
+def _read_config(path: str | os.PathLike) -> tuple[dict[str, Any], Sources]:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file {str(p)!r} does not exist")
     text = p.read_text()
+    sources: Sources = {}
     try:
-        data = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
+        if p.suffix == ".json":
+            data = json.loads(text)
+        else:
+            data, sources = load_yaml(text, p.name)
     except (json.JSONDecodeError, yaml.YAMLError) as exc:
         raise ConfigError(f"config file {p} is not valid {'JSON' if p.suffix == '.json' else 'YAML'}: {exc}") from exc
     if data is None:
-        return {}
+        return {}, sources
     if not isinstance(data, dict):
         raise ConfigError(f"config file {p} must hold a mapping at top level, got {type(data).__name__}")
-    return data
+    return data, sources
 
 
 def load_run_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
-    """Config file (optional) + ``key=value`` overrides -> validated RunConfig."""
-    data = read_config_file(path) if path else {}
+    """Config file (optional) + ``key=value`` overrides -> validated RunConfig.
+
+    A value YAML read as another type than its text suggests (``yes`` -> true, ``010``) is
+    shown as written, with its file and line or ``--set``, in the error it causes."""
+    data, sources = _read_config(path) if path else ({}, {})
     for text in overrides:
         key, value = parse_override(text)
         if key == "model" and isinstance(value, str):
@@ -219,4 +254,13 @@ def load_run_config(path: str | os.PathLike | None = None, overrides: list[str] 
         if key == "model.family" and isinstance(data.get("model"), str):
             data["model"] = {"family": data["model"]}
         set_by_path(data, key, value)
-    return run_config_from_dict(data)
+        raw = text.split("=", 1)[1]
+        with contextlib.suppress(yaml.YAMLError):
+            sources = {k: v for k, v in sources.items() if k != key and not k.startswith((key + ".", key + "["))}
+            for sub, (written, _, tag) in load_yaml(raw)[1].items():
+                sources[key + (sub if sub.startswith("[") else f".{sub}" if sub else "")] = (
+                    written, f"--set {describe(text)}", tag)
+    try:
+        return run_config_from_dict(data)
+    except ConfigError as exc:
+        raise ConfigError(annotate_error(str(exc), sources)) from None

@@ -5,6 +5,10 @@
 train KL, test loss/recon/KL, active units and MI. Epoch-end checkpoints form the history:
 at most ``keep_history`` of them are kept, thinned so that they stay spread over the run,
 plus the initial one. ``choose_fallback`` picks the healthiest checkpoint.
+
+A damaged or missing index (a torn write is impossible, a disk error or a hand edit is not) is
+rebuilt from the checkpoint files themselves (their headers carry step, epoch and position; each
+file's checksum is verified) and the run's ``metrics.jsonl`` (test, KL, AU and MI figures).
 """
 
 from __future__ import annotations
@@ -15,9 +19,55 @@ from pathlib import Path
 from typing import Any
 
 from vaekit.atomic import atomic_write_bytes
-from vaekit.errors import InputError
+from vaekit.errors import CheckpointError, InputError
+from vaekit.training.checkpoint import list_checkpoints, read_header
+from vaekit.training.metrics_log import read_metrics
 
 INDEX = "index.json"
+
+
+def _index_problem(path: Path) -> str | None:
+    """Why ``index.json`` cannot be used (None when it is fine)."""
+    try:
+        doc = json.loads(path.read_text())
+    except OSError as exc:
+        return f"cannot be read ({exc.strerror or exc})"
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        return f"is not valid JSON ({exc})"
+    entries = doc.get("checkpoints") if isinstance(doc, dict) else None
+    if not isinstance(entries, list) or not all(
+            isinstance(e, dict) and isinstance(e.get("step"), int) and isinstance(e.get("file"), str)
+            and isinstance(e.get("kind"), str) for e in entries):
+        return "does not hold a list of checkpoints with step, kind and file"
+    return None
+
+
+def rebuild_entries(directory: str | os.PathLike) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
+    """(index entries rebuilt from the checkpoint files in ``directory`` and the run's metrics log,
+    [(file, why) of each file that cannot be read]). Figures not in the log stay None."""
+    d = Path(directory)
+    metrics = read_metrics(d.parent / "metrics.jsonl")
+    evals = {(r.get("step"), r.get("branch", 0)): r for r in metrics if r.get("type") == "eval"}
+    monitor = [r for r in metrics if r.get("type") == "monitor"]
+    train = [r for r in metrics if r.get("type") == "train" and isinstance(r.get("kl"), int | float)]
+    entries, unreadable = [], []
+    for step, path in list_checkpoints(d):
+        try:
+            header = read_header(path)
+        except CheckpointError as exc:
+            unreadable.append((path.name, str(exc)))
+            continue
+        branch = header.get("branch") or 0
+        kind = "initial" if step == 0 else "epoch" if header.get("batch") == 0 else "step"
+        ev = evals.get((step, branch), {})
+        kls = [r["kl"] for r in train if r["step"] <= step and r.get("branch", 0) == branch][-50:]
+        latent = [r for r in monitor if r.get("step", 0) <= step and r.get("branch", 0) == branch]
+        entries.append({"step": step, "epoch": header.get("epoch"), "kind": kind, "file": path.name,
+                        "branch": branch, "train_kl": sum(kls) / len(kls) if kls else None,
+                        **{f"test_{k}": ev.get(k) for k in ("loss", "recon", "kl", "neg_elbo")},
+                        "au": latent[-1].get("au") if latent else None, "mi": latent[-1].get("mi") if latent else None,
+                        "latent_step": latent[-1].get("step") if latent else None, "rebuilt": True})
+    return entries, unreadable
 
 
 class CheckpointHistory:
@@ -27,12 +77,20 @@ class CheckpointHistory:
         self.directory = Path(directory)
         self.keep_history = keep_history
         self.entries: list[dict[str, Any]] = []
+        self.problem: str | None = None  # why the index on disk could not be used (it was rebuilt)
+        self.unreadable: list[tuple[str, str]] = []  # (file, why) of checkpoint files a rebuild skipped
         path = self.directory / INDEX
         if path.is_file():
-            try:
+            self.problem = _index_problem(path)
+            if self.problem is None:
                 self.entries = json.loads(path.read_text())["checkpoints"]
-            except (json.JSONDecodeError, KeyError, TypeError):
-                self.entries = []
+        files = list_checkpoints(self.directory)
+        if path.is_file() and self.problem is None and files and not self.entries:
+            self.problem = f"lists no checkpoints though {self.directory} holds {len(files)}"
+        elif not path.is_file() and files:
+            self.problem = "is missing"
+        if self.problem is not None:
+            self.entries, self.unreadable = rebuild_entries(self.directory)
 
     def record(self, entry: dict[str, Any]) -> None:
         """Add (or replace, same step) an entry: needs ``step``, ``kind``, ``file``."""
@@ -62,14 +120,29 @@ class CheckpointHistory:
         atomic_write_bytes(self.directory / INDEX, (json.dumps(doc, indent=2) + "\n").encode())
 
 
-def read_history(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
-    """The index entries of a run folder (or of its ``checkpoints`` folder), oldest first."""
+def open_history(run_dir: str | os.PathLike) -> CheckpointHistory:
+    """The checkpoint history of a run folder (or of its ``checkpoints`` folder), rebuilt from the
+    files when the index is damaged (``.problem`` says why). InputError when there is neither an
+    index nor a checkpoint; CheckpointError when a damaged index cannot be rebuilt (no readable
+    checkpoint file), listing each file and why."""
     d = Path(run_dir)
     if (d / "checkpoints").is_dir():
         d = d / "checkpoints"
-    if not (d / INDEX).is_file():
-        raise InputError(f"{run_dir} has no checkpoint index ({d / INDEX}); is it a vaekit run folder?")
-    return CheckpointHistory(d).entries
+    if not (d / INDEX).is_file() and not list_checkpoints(d):
+        raise InputError(f"{run_dir} has no checkpoint index ({d / INDEX}) and no checkpoints; "
+                         f"is it a vaekit run folder?")
+    history = CheckpointHistory(d)
+    if history.problem is not None and not history.entries:
+        files = "".join(f"\n  {name}: {why}" for name, why in history.unreadable) or " (no checkpoint files)"
+        raise CheckpointError(f"{d / INDEX} {history.problem} and cannot be rebuilt: no checkpoint file in {d} "
+                              f"can be read:{files}")
+    return history
+
+
+def read_history(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    """The index entries of a run folder (or of its ``checkpoints`` folder), oldest first; see
+    :func:`open_history` for a damaged index."""
+    return open_history(run_dir).entries
 
 
 def choose_fallback(entries: list[dict[str, Any]], tolerance: float = 0.02) -> dict[str, Any] | None:

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from vaekit.atomic import atomic_write_bytes
+from vaekit.atomic import atomic_write_bytes, storage_error
 
 
 def _clean(value: Any) -> Any:
@@ -28,18 +28,33 @@ class MetricsLog:
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._f = open(self.path, "a", buffering=1 << 16)  # noqa: SIM115 (kept open for the run)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._f = open(self.path, "a", buffering=1 << 16)  # noqa: SIM115 (kept open for the run)
+        except OSError as exc:
+            raise storage_error(exc, self.path, "write the metrics log") from exc
 
     def write(self, record: dict[str, Any]) -> None:
-        self._f.write(json.dumps({k: _clean(v) for k, v in record.items()}) + "\n")
+        try:
+            self._f.write(json.dumps({k: _clean(v) for k, v in record.items()}) + "\n")
+        except OSError as exc:  # a full buffer is flushed here
+            raise storage_error(exc, self.path, "write the metrics log") from exc
 
     def flush(self) -> None:
-        self._f.flush()
+        try:
+            self._f.flush()
+        except OSError as exc:
+            raise storage_error(exc, self.path, "write the metrics log") from exc
 
-    def close(self) -> None:
-        if not self._f.closed:
+    def close(self, quiet: bool = False) -> None:
+        """Close the file; ``quiet``: ignore a failing last flush (an error is already on its way)."""
+        if self._f.closed:
+            return
+        try:
             self._f.close()
+        except OSError as exc:
+            if not quiet:
+                raise storage_error(exc, self.path, "write the metrics log") from exc
 
     def truncate(self, keep: Callable[[dict[str, Any]], bool]) -> int:
         """Rewrite the log keeping only records for which ``keep`` is true; returns how many were dropped."""

@@ -14,6 +14,22 @@ from vaekit.training.config import RunConfig
 from vaekit.training.trainer import Trainer, TrainResult
 
 
+def prepare(
+    config: RunConfig,
+    *,
+    dataset: ImageDataset | None = None,
+    callbacks: Sequence[Callback] = (),
+) -> Trainer:
+    """Load the data, build the model (initialised from ``config.train.seed``, the same on every
+    rank) and the :class:`Trainer`; every check the trainer makes on creation runs here."""
+    dc = config.data
+    data = dataset or load_dataset(dc.dataset, data_dir=dc.data_dir, sources=dc.sources)
+    torch.manual_seed(config.train.seed)
+    model = build_model(config.model)
+    return Trainer(model, data, config.train, data_config=dc, run_dir=config.run_dir,
+                   run_config=config, callbacks=callbacks)
+
+
 def train(
     config: RunConfig,
     *,
@@ -26,10 +42,4 @@ def train(
     The model is initialised from ``config.train.seed`` (the same on every rank).
     Pass ``dataset`` to reuse data already in memory.
     """
-    dc = config.data
-    data = dataset or load_dataset(dc.dataset, data_dir=dc.data_dir, sources=dc.sources)
-    torch.manual_seed(config.train.seed)
-    model = build_model(config.model)
-    trainer = Trainer(model, data, config.train, data_config=dc, run_dir=config.run_dir,
-                      run_config=config, callbacks=callbacks)
-    return trainer.fit(resume=resume)
+    return prepare(config, dataset=dataset, callbacks=callbacks).fit(resume=resume)

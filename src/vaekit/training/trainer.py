@@ -9,9 +9,9 @@ checkpoint finishes bit-identical on CPU to one that never stopped.
 
 from __future__ import annotations
 
-import json
 import math
-import shutil
+import os
+import re
 import time
 import warnings
 from collections.abc import Sequence
@@ -23,25 +23,29 @@ from typing import Any
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
+from vaekit.atomic import storage_error
 from vaekit.config import to_dict
 from vaekit.data import LOADERS
 from vaekit.data.dataset import BatchLoader, ImageDataset, ImageSplit, eval_loader, mix_seed
-from vaekit.errors import CheckpointError, ConfigError, InputError, TrainingDivergedError
+from vaekit.errors import CheckpointError, ConfigError, InputError, StorageError, TrainingDivergedError
 from vaekit.evaluation.elbo import evaluate_elbo
 from vaekit.models.base import BaseModel
 from vaekit.training import distributed as D
 from vaekit.training.callbacks import Callback
 from vaekit.training.checkpoint import (
     checkpoint_name,
-    latest_checkpoint,
+    find_resumable,
     list_checkpoints,
     load_checkpoint,
+    newest_verified,
+    read_header,
     save_checkpoint,
 )
 from vaekit.training.config import DataConfig, RunConfig, TrainConfig
 from vaekit.training.history import CheckpointHistory
 from vaekit.training.metrics_log import MetricsLog
 from vaekit.training.monitors import CollapseMonitor, KLController, MonitorConfig
+from vaekit.training.run_folder import RunFolder, check_writable
 from vaekit.training.schedules import KLConfig
 from vaekit.training.selection import BestModelSelector, SelectConfig, check_selectable
 
@@ -136,6 +140,7 @@ class Trainer:
             data_config = DataConfig(dataset=dataset.name) if dataset.name in LOADERS else DataConfig()
         self.data_config = data_config
         self.run_dir = Path(run_dir)
+        self.folder = RunFolder(self.run_dir)
         self.run_config = run_config
         self.user_callbacks = list(callbacks)
         self.callbacks = list(callbacks)
@@ -147,7 +152,7 @@ class Trainer:
                               f"set data.validation to the number of training examples to hold out (e.g. 5000)")
         if self.select_config.enabled:
             check_selectable(model, self.select_config)
-        self.data_config.check_validation(dataset.train)  # before anything is written
+        self.data_config.check_sizes(dataset)  # before anything is written
         self.selector: BestModelSelector | None = None
         self.kl_controller: KLController | None = None
         self.monitor: CollapseMonitor | None = None
@@ -168,6 +173,7 @@ class Trainer:
         self._last_eval: dict[str, Any] | None = None
         self._recent_kl: list[float] = []
         self.history: CheckpointHistory | None = None
+        self._notes: list[dict[str, Any]] = []  # events found before the log opens (skipped checkpoints, ...)
 
     # -- set-up ----------------------------------------------------------------------------------
     @property
@@ -179,31 +185,41 @@ class Trainer:
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return nullcontext()
 
-    def _write_run_config(self, resume: bool) -> None:
-        """Save the resolved config; a resumed run must match the saved one's model and data split."""
-        if self.run_config is None:
-            return
-        path = self.run_dir / "config.json"
-        new = self.run_config.to_dict()
-        if resume and path.is_file():
-            old = json.loads(path.read_text())
-            if old.get("model") != new["model"]:
-                raise CheckpointError(
-                    f"{self.run_dir} holds a run with a different model config; choose another name "
-                    f"(--set name=...) or start afresh (--no-resume)")
-            split_keys = ("dataset", "train_subset", "validation", "validation_seed")
-            old_data, new_data = old.get("data") or {}, new.get("data") or {}
-            changed = [k for k in split_keys if k in old_data and old_data.get(k) != new_data.get(k)]
-            if changed:
-                raise CheckpointError(
-                    f"{self.run_dir} holds a run trained on a different split (data.{', data.'.join(changed)} "
-                    f"changed); choose another name (--set name=...) or start afresh (--no-resume)")
-        from vaekit.atomic import atomic_write_bytes  # local import: keeps the module graph flat
+    def check(self, resume: bool = True) -> None:
+        """Every check a real :meth:`fit` makes before it writes, without writing anything (``--dry-run``):
+        the device, TensorBoard, the run folder (writable, not locked by another process, a resumed
+        run's model config and data split)."""
+        pick_device(self.config.device)
+        if self.config.tensorboard == "on":
+            try:
+                import torch.utils.tensorboard  # noqa: F401
+            except ImportError:
+                raise ConfigError("train.tensorboard is 'on' but tensorboard is not installed "
+                                  "(pip install 'vaekit[tensorboard]')") from None
+        check_writable(self.run_dir)
+        if resume and not self._sets_aside(resume):
+            if self.run_config is not None:
+                self.folder.check_compatible(self.run_config.to_dict())
+            find_resumable(self.checkpoint_dir)  # CheckpointError when checkpoints exist but none is readable
 
-        atomic_write_bytes(path, (json.dumps(new, indent=2) + "\n").encode())
-        import yaml
+    def _sets_aside(self, resume: bool) -> bool:
+        """Does this start move an earlier run into previous/? (a fresh start, or nothing to resume from)"""
+        return not resume or (not list_checkpoints(self.checkpoint_dir) and self.folder.has_results())
 
-        atomic_write_bytes(self.run_dir / "config.yaml", yaml.safe_dump(new, sort_keys=False).encode())
+    def _prepare_folder(self, resume: bool) -> None:
+        """Rank 0, lock held: remove crash leftovers, set an earlier run aside when starting afresh,
+        refuse a resume that changes the model or the data split."""
+        self._notes = []
+        removed = self.folder.clean_temporaries()
+        if removed:
+            self._notes.append({"event": "cleaned", "removed": [str(p.relative_to(self.run_dir)) for p in removed]})
+        if self._sets_aside(resume) and (aside := self.folder.set_aside()) is not None:
+            why = "starting afresh" if not resume else "nothing to resume from (no checkpoint)"
+            warnings.warn(f"{why}: the earlier run in {self.run_dir} (checkpoints, metrics log, model) "
+                          f"was moved to {aside}", stacklevel=4)
+            self._notes.append({"event": "set_aside", "to": str(aside)})
+        if resume and self.run_config is not None:
+            self.folder.check_compatible(self.run_config.to_dict())
 
     def _open_tensorboard(self) -> None:
         if self.config.tensorboard == "off":
@@ -241,8 +257,13 @@ class Trainer:
             step = self.state.step
             self.history.record({"step": step, "epoch": self.state.epoch, "kind": kind, "file": checkpoint_name(step),
                                  "branch": self.branch, **self._health(step)})
-            self.last_checkpoint = save_checkpoint(self.checkpoint_dir, step, payload,
-                                                   self.config.keep_checkpoints, self.history.protected_steps())
+            try:
+                self.last_checkpoint = save_checkpoint(self.checkpoint_dir, step, payload,
+                                                       self.config.keep_checkpoints, self.history.protected_steps())
+            except StorageError as exc:
+                good = newest_verified(self.checkpoint_dir)
+                raise StorageError(f"{exc}; training stopped at step {step}; newest complete checkpoint: "
+                                   f"{good if good else 'none'}", exc.errno, exc.filename) from exc
             self.history.sync()
             if self.log:
                 self.log.flush()
@@ -261,21 +282,12 @@ class Trainer:
         out["latent_step"] = latest["step"] if latest else None
         return out
 
-    def _set_aside_checkpoints(self) -> None:
-        """Starting afresh in a folder that holds checkpoints: move them to ``checkpoints.previous``
-        (replacing an older one). Left in place, a later resume would continue the older run from
-        its newest checkpoint, and pruning would keep its files over the new run's."""
-        if not self.checkpoint_dir.is_dir() or not any(self.checkpoint_dir.iterdir()):
-            return
-        previous = self.run_dir / "checkpoints.previous"
-        if previous.exists():
-            shutil.rmtree(previous)
-        self.checkpoint_dir.rename(previous)
-        warnings.warn(f"starting afresh: the earlier checkpoints of {self.run_dir} were moved to {previous}",
-                      stacklevel=4)
-
     def _resume(self) -> str | None:
-        found = latest_checkpoint(self.checkpoint_dir)
+        found, skipped = find_resumable(self.checkpoint_dir)  # CheckpointError when none is readable
+        for path, why in skipped:
+            if self.dist.is_main:
+                warnings.warn(f"skipping checkpoint {path.name}: {why}", stacklevel=4)
+                self._notes.append({"event": "skipped_checkpoint", "file": path.name, "reason": why})
         if found is None:
             return None
         payload, path = found
@@ -318,22 +330,29 @@ class Trainer:
         self.dist = D.init_distributed(self.device.type == "cuda")
         if self.dist.enabled and self.device.type == "cuda":
             self.device = torch.device("cuda", self.dist.local_rank)
+        ok = False
         try:
-            return self._fit(resume, t_start)
+            if self.dist.is_main:
+                self.folder.lock.acquire()  # one writer per run folder, held until the run ends
+            result = self._fit(resume, t_start)
+            ok = True
+            return result
         finally:
-            if self.log:
-                self.log.close()
-            if self._tb is not None:
-                self._tb.close()
-            D.shutdown(self.dist)
+            try:
+                if self.log:
+                    self.log.close(quiet=not ok)
+                if self._tb is not None:
+                    self._tb.close()
+            finally:
+                self.folder.lock.release()
+                D.shutdown(self.dist)
 
     def _fit(self, resume: bool, t_start: float) -> TrainResult:
         cfg, dc, info = self.config, self.data_config, self.dist
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         if info.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            self._write_run_config(resume)
+            self._prepare_folder(resume)
         D.barrier(info)
         model = self.model.to(self.device).train()
         train_split, validation = dc.train_splits(self.dataset.train)
@@ -354,11 +373,18 @@ class Trainer:
         self._setup_dynamics(model, total, steps_per_epoch, validation)
         torch.manual_seed(mix_seed(cfg.seed, info.rank, 0xA0))
         if info.is_main:
-            if not resume:
-                self._set_aside_checkpoints()
             self.history = CheckpointHistory(self.checkpoint_dir, cfg.keep_history)
+            if self.history.problem is not None:
+                warnings.warn(f"{self.checkpoint_dir / 'index.json'} {self.history.problem}: rebuilt from "
+                              f"{len(self.history.entries)} checkpoint file(s)", stacklevel=3)
+                self._notes.append({"event": "index_rebuilt", "problem": self.history.problem})
         resumed = self._resume() if resume else None
         if info.is_main:
+            if self.run_config is not None:
+                revision = self.folder.record_config(self.run_config.to_dict(), self.state.step)
+                if revision is not None:
+                    self._notes.append({"event": "config_revision", "revision": revision["revision"],
+                                        "changed": revision["changed"]})
             self.log = MetricsLog(self.run_dir / "metrics.jsonl")
             assert self.history is not None
             if resumed:
@@ -367,10 +393,11 @@ class Trainer:
                     r.get("step", 0) <= st.step if r.get("type") != "eval" else r.get("epoch", 0) < st.epoch))
                 self.history.drop_after(st.step)
             else:
-                if not resume:
-                    self.log.truncate(lambda r: False)
+                self.log.truncate(lambda r: False)  # an earlier run's log was set aside; a torn start's is void
                 self.history.drop_after(-1)
             self._open_tensorboard()
+            for note in self._notes:  # what was found on the way in, then the start itself
+                self.log.write({"type": "event", "step": self.state.step, **note})
             self.log.write({"type": "event", "step": self.state.step, "event": "resume" if resumed else "start",
                             "checkpoint": resumed, "world_size": info.world_size, "device": str(self.device)})
         for cb in self.callbacks:
@@ -575,8 +602,19 @@ class Trainer:
         if not candidates:
             self.request_stop(f"cannot recover: no checkpoint before step {before_step}; {reason}")
             return
-        step, path = candidates[-1]
-        self._restore(load_checkpoint(path), path, recovering=True)
+        for _, path in reversed(candidates):
+            try:
+                payload = load_checkpoint(path)
+                break
+            except CheckpointError as exc:  # every rank skips the same files
+                if self.dist.is_main:
+                    warnings.warn(f"recovery: skipping checkpoint {path.name}: {exc}", stacklevel=2)
+                self.log_record({"type": "event", "event": "skipped_checkpoint", "step": self.state.step,
+                                 "file": path.name, "reason": str(exc)})
+        else:
+            self.request_stop(f"cannot recover: no readable checkpoint before step {before_step}; {reason}")
+            return
+        self._restore(payload, path, recovering=True)
         abandoned = self.state.step
         self.branch += 1
         change = remedy(self)
@@ -593,15 +631,26 @@ class Trainer:
         self.last_checkpoint = path
         D.barrier(self.dist)
 
+    def _good_checkpoint(self) -> str | None:
+        """The newest checkpoint of this run whose checksum verifies (never a damaged one)."""
+        if self.last_checkpoint is not None:
+            try:
+                read_header(self.last_checkpoint)
+                return str(self.last_checkpoint)
+            except CheckpointError:
+                pass
+        good = newest_verified(self.checkpoint_dir, at_most=self.state.step)
+        return str(good) if good else None
+
     def _diverged(self, values: dict[str, float]) -> None:
         step = self.state.step + 1
+        good = self._good_checkpoint()
         if self.log:
             scalars = {k: v for k, v in values.items() if not isinstance(v, list)}
-            self.log.write({"type": "event", "step": step, "event": "diverged", **scalars,
-                            "checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None})
+            self.log.write({"type": "event", "step": step, "event": "diverged", **scalars, "checkpoint": good})
             self.log.flush()
         scalars = {k: v for k, v in values.items() if not isinstance(v, list)}
-        raise TrainingDivergedError(step, scalars, str(self.last_checkpoint) if self.last_checkpoint else None)
+        raise TrainingDivergedError(step, scalars, good)
 
     def evaluate(self, test: BatchLoader | None, epoch: int) -> dict[str, Any] | None:
         """Test-split ELBO breakdown (rank 0), logged as an ``eval`` record."""
@@ -633,7 +682,18 @@ class Trainer:
         if self.selector is not None:
             meta["selected"] = {k: v for k, v in self.selector.summary.items() if k != "checks"}
             metrics = {**(metrics or {}), "selected": meta["selected"]}
-        return self.model.save(self.run_dir / "model", metadata=meta, metrics=metrics)
+        path = self.run_dir / "model"
+        try:
+            return self.model.save(path, metadata=meta, metrics=metrics)
+        except Exception as exc:  # safetensors reports an OS failure as its own error, "... (os error 28)"
+            found = re.search(r"os error (\d+)", str(exc))
+            if not isinstance(exc, StorageError) and found is None:
+                raise
+            if not isinstance(exc, StorageError):
+                code = int(found.group(1))
+                exc = storage_error(OSError(code, os.strerror(code)), path, "write the model")
+            raise StorageError(f"{exc}; the trained weights are in checkpoint {self._good_checkpoint()}: the same "
+                               f"command resumes from it and saves the model", exc.errno, exc.filename) from exc
 
 
 def _finite(values: dict[str, Any]) -> bool:
