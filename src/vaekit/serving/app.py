@@ -65,19 +65,6 @@ def _body(schema: str, binary: bool = True) -> dict[str, Any]:
 v1 = APIRouter(prefix="/v1", tags=["vaekit"])
 
 
-@v1.get("/models", summary="The models served and their versions")
-async def list_models(request: Request) -> dict[str, Any]:
-    label(request, "models")
-    return {"models": [s.describe() for s in state(request).services.values() if s.ready]}
-
-
-@v1.get("/models/{name}", summary="One model: version, family, shapes, profile, batching", responses=ERRORS)
-async def model_info(name: str, request: Request) -> Response:
-    label(request, "model")
-    svc = get_service(request, name)
-    return json_response(svc.describe(), headers={"X-Model-Version": svc.version})
-
-
 @v1.post("/models/{name}/score", summary="Monitoring stats per image (recon error, KL, latent, verdicts)",
          response_model=schemas.ScoreResponse, responses=ERRORS, openapi_extra=_body("ImagesRequest"))
 async def score(name: str, request: Request) -> Response:
@@ -109,6 +96,19 @@ async def decode(name: str, request: Request) -> Response:
          openapi_extra=_body("GenerateRequest", binary=False))
 async def generate(name: str, request: Request) -> Response:
     return await images_call(request, name, "generate")
+
+
+@v1.get("/models", summary="The models served and their versions")
+async def list_models(request: Request) -> dict[str, Any]:
+    label(request, "models")
+    return {"models": [s.describe() for s in state(request).services.values() if s.ready]}
+
+
+@v1.get("/models/{name}", summary="One model: version, family, shapes, profile, batching", responses=ERRORS)
+async def model_info(name: str, request: Request) -> Response:
+    label(request, "model")
+    svc = get_service(request, name)
+    return json_response(svc.describe(), headers={"X-Model-Version": svc.version})
 
 
 async def images_call(request: Request, name: str, endpoint: str) -> Response:
@@ -376,9 +376,9 @@ def create_app(services: ModelService | Sequence[ModelService], *, max_body_byte
         if s.ready:
             metrics_obj.watch(s)
             s._vaekit_metrics_attached = True
-    app.include_router(ops)
-    app.include_router(v1)
+    app.include_router(v1)  # first: routes are matched in order, and these carry the traffic
     app.include_router(oip.router)
+    app.include_router(ops)
     if token:
         app.include_router(admin_router(token))
     app.add_middleware(RequestMetrics, metrics=metrics_obj)

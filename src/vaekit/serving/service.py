@@ -513,18 +513,21 @@ class ModelService:
                             outputs["codes"] = stats.codes
         results, lo = [], 0
         batch = sum(sizes)
+        alone = len(payloads) == 1  # the whole batch is this request's: no row slicing
         for p, n in zip(payloads, sizes, strict=True):
             hi = lo + n
             results.append(Result(endpoint, dep.name, dep.version, p.request_id,
-                                  {k: v[lo:hi] for k, v in outputs.items()},
-                                  stats.rows(lo, hi) if stats is not None else None,
+                                  outputs if alone else {k: v[lo:hi] for k, v in outputs.items()},
+                                  stats if alone or stats is None else stats.rows(lo, hi),
                                   dep.profile is not None, batch, seed=p.seed, arrived=p.arrived))
             lo = hi
         return results
 
     def _stats(self, dep: Deployment, ins: Any) -> Stats:
-        def cpu(t):
-            return None if t is None else t.detach().float().cpu() if t.is_floating_point() else t.detach().cpu()
+        def cpu(t):  # under inference_mode: no autograd history to detach; float()/cpu() are no-ops on CPU
+            if t is None:
+                return None
+            return (t.float() if t.is_floating_point() else t).cpu()
 
         s = Stats(recon_mse=cpu(ins.recon_mse), recon_nats=cpu(ins.recon_nats), kl=cpu(ins.kl),
                   latent_norm=cpu(ins.latent_norm), latent=cpu(ins.latent), logvar=cpu(ins.logvar),
