@@ -1,7 +1,8 @@
 """``vaekit serve MODEL_OR_REF``: the HTTP inference service (FastAPI on uvicorn).
 
 ``MODEL_OR_REF`` is a model folder, a run folder (its ``model/``), or a registry reference
-(``name@alias``, ``name/3``) once the registry is installed. With ``--workers N`` > 1 uvicorn
+(``name@alias``, ``name/3``, ``name``) in ``--registry URI`` (default ``$VAEKIT_REGISTRY``); an alias
+is polled every 10 s unless ``--poll-interval`` says otherwise. With ``--workers N`` > 1 uvicorn
 starts N processes, each loading the model (settings travel in ``VAEKIT_SERVE_CONFIG``).
 Admin routes are mounted only when ``VAEKIT_ADMIN_TOKEN`` is set. See docs/serving.md.
 """
@@ -19,7 +20,8 @@ from vaekit.errors import ConfigError, check_positive
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="serve a model over HTTP (encode/decode/reconstruct/generate/score)")
     p.add_argument("model", metavar="MODEL_OR_REF", help="model folder, run folder, or registry reference")
-    p.add_argument("--registry", help="registry URI for a registry reference (default: the registry's default)")
+    p.add_argument("--registry", help="registry URI for a registry reference (default: $VAEKIT_REGISTRY, else "
+                   "sqlite:///registry/registry.db)")
     p.add_argument("--name", help="model name in URLs (default: the folder or registry name)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
@@ -60,10 +62,12 @@ def run(args: argparse.Namespace) -> int:
            "max_images": args.max_images, "poll_interval_s": args.poll_interval, "threads": args.threads,
            "max_body_bytes": args.max_body_bytes, "records": args.records, "registry": args.registry}
     common = dict(host=args.host, port=args.port, log_level=args.log_level, access_log=args.access_log)
-    if args.workers > 1:
-        from vaekit.serving.sources import resolve_source
+    from vaekit.serving.sources import RegistrySource, resolve_source
 
-        resolve_source(ref, name)  # fail here, once, rather than in every worker
+    source = resolve_source(ref, name, args.registry)  # fail here, once, naming the reference
+    if args.poll_interval is None and isinstance(source, RegistrySource) and source.follows:
+        cfg["poll_interval_s"] = 10.0  # an alias can move at any time: look every 10 s
+    if args.workers > 1:
         os.environ["VAEKIT_SERVE_CONFIG"] = json.dumps(cfg)
         uvicorn.run("vaekit.serving.app:app_from_env", factory=True, workers=args.workers, **common)
         return 0
@@ -71,9 +75,9 @@ def run(args: argparse.Namespace) -> int:
     from vaekit.serving.records import JsonlSink
     from vaekit.serving.service import ModelService
 
-    service = ModelService(ref, name=name, device=args.device, max_batch_size=args.max_batch_size,
+    service = ModelService(source, device=args.device, max_batch_size=args.max_batch_size,
                            max_wait_ms=args.max_wait_ms, latent_norm_limit=args.latent_norm_limit,
-                           max_images=args.max_images, poll_interval_s=args.poll_interval, threads=args.threads,
+                           max_images=args.max_images, poll_interval_s=cfg["poll_interval_s"], threads=args.threads,
                            sink=JsonlSink(args.records) if args.records else None)
     service.start()  # load and warm up before binding: a bad model fails here with its error
     info = service.describe()

@@ -28,7 +28,7 @@ from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from vaekit import __version__
-from vaekit.errors import ConfigError, InputError, check_positive
+from vaekit.errors import ConfigError, InputError, VaekitError, check_positive
 from vaekit.serving import codecs, oip, schemas
 from vaekit.serving.codecs import Problem
 from vaekit.serving.deps import (
@@ -287,7 +287,13 @@ def admin_router(token: str) -> APIRouter:
             raise Problem(409, "Not a registry model", f"model {name!r} is served from {svc.source.reference!r}, "
                           "not a registry reference; aliases live in the registry", "source",
                           svc.source.reference, "a registry reference such as name@alias")
-        await asyncio.to_thread(mover, move.alias, move.version, move.reason)
+        try:
+            await asyncio.to_thread(mover, move.alias, move.version, move.reason)
+        except LookupError as exc:  # RegistryLookupError: no such version
+            raise Problem(404, "Unknown version", str(exc), "version", move.version,
+                          "a registered, live version of this model") from None
+        except VaekitError as exc:
+            raise Problem(409, "Alias not moved", str(exc), "alias", move.alias, "a valid alias move") from None
         out = await asyncio.to_thread(svc.reload, True)
         return json_response(out, headers={"X-Model-Version": svc.version})
 
@@ -431,7 +437,8 @@ def app_from_env() -> FastAPI:
     """An app built from ``VAEKIT_SERVE_CONFIG`` (JSON written by ``vaekit serve``): the factory
     each uvicorn worker process calls when ``--workers`` > 1."""
     cfg = json.loads(os.environ["VAEKIT_SERVE_CONFIG"])
-    svc = ModelService(cfg["reference"], name=cfg.get("name"), device=cfg.get("device", "auto"),
+    svc = ModelService(cfg["reference"], name=cfg.get("name"), registry=cfg.get("registry"),
+                       device=cfg.get("device", "auto"),
                        max_batch_size=cfg.get("max_batch_size", 16), max_wait_ms=cfg.get("max_wait_ms", 2.0),
                        latent_norm_limit=cfg.get("latent_norm_limit", 5.0), max_images=cfg.get("max_images", 256),
                        poll_interval_s=cfg.get("poll_interval_s"), threads=cfg.get("threads"),

@@ -179,9 +179,10 @@ class _Payload:
 class ModelService:
     """Loads a model from a source, warms it up and serves batched calls with per-image stats.
 
-    Parameters: ``source`` a model folder, or any :class:`ModelSource` (registry references plug in
-    there); ``device`` ``auto``/``cpu``/``cuda``; ``max_batch_size`` images per model call (1 turns
-    micro-batching off); ``max_wait_ms`` how long a batch may wait for company; ``latent_norm_limit``
+    Parameters: ``source`` a model folder, a registry reference (``name@alias``, ``name/3``; looked up
+    in ``registry``, a ModelRegistry or URI) or any :class:`ModelSource`; ``device``
+    ``auto``/``cpu``/``cuda``; ``max_batch_size`` images per model call (1 turns micro-batching off);
+    ``max_wait_ms`` how long a batch may wait for company; ``latent_norm_limit``
     the posterior-mean norm above which an image is flagged (5: the product brief); ``max_images``
     per request; ``sink`` receives a :class:`RequestRecord` per served image (off the request path);
     ``poll_interval_s`` checks the source for a new version that often (None: only on ``reload()``);
@@ -189,7 +190,8 @@ class ModelService:
     ``observers`` are called after each batch, on the records thread (the metrics hook).
     """
 
-    def __init__(self, source: str | ModelSource, *, name: str | None = None, device: str | torch.device = "auto",
+    def __init__(self, source: str | ModelSource, *, name: str | None = None, registry: Any = None,
+                 device: str | torch.device = "auto",
                  max_batch_size: int = 16, max_wait_ms: float = 2.0, latent_norm_limit: float = 5.0,
                  max_images: int = 256, sink: RecordSink | None = None, poll_interval_s: float | None = None,
                  threads: int | None = None, warmup: bool = True):
@@ -201,7 +203,7 @@ class ModelService:
             check_positive("poll_interval_s", poll_interval_s)
         if threads is not None:
             check_positive("threads", threads, integer=True)
-        self.source = resolve_source(source, name)
+        self.source = resolve_source(source, name, registry)
         self.name = self.source.name
         self.device = pick_device(device)
         self.max_batch_size, self.max_wait_ms = max_batch_size, float(max_wait_ms)

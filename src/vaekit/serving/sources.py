@@ -122,13 +122,59 @@ class FolderSource:
         raise ModelFormatError(f"{self.path} kept changing while it was loaded (5 tries)")
 
 
-def resolve_source(reference: str | os.PathLike | ModelSource, name: str | None = None) -> ModelSource:
+class RegistrySource:
+    """A registry reference: ``name@alias`` (follows the alias), ``name`` (follows the latest version) or
+    ``name/3`` (pinned). The version label is the registry's version number (``"3"``), so OIP clients can
+    address ``/v2/models/name/versions/3``. ``registry`` is a ``ModelRegistry`` or its URI (None: the
+    registry's default, ``$VAEKIT_REGISTRY``)."""
+
+    def __init__(self, reference: str, registry: Any = None, name: str | None = None):
+        from vaekit.registry import ModelRegistry, parse_ref
+
+        self.ref = parse_ref(reference)
+        self.registry = registry if isinstance(registry, ModelRegistry) else ModelRegistry(registry)
+        self.reference = str(self.ref)
+        self.name = check_name(name if name is not None else self.ref.name)
+        self.follows = self.ref.version is None
+
+    def current_version(self) -> str:
+        return str(self.registry.get(self.ref).version)
+
+    def load(self, device: torch.device) -> Loaded:
+        ver = self.registry.get(self.ref)  # one lookup: the model and its label always agree
+        model = load_model(ver.artifact_path, map_location=device)
+        return Loaded(model, str(ver.version), read_folder_profile(ver.artifact_path))
+
+    def move_alias(self, alias: str, version: int, reason: str) -> None:
+        """Point ``alias`` of this model at ``version`` (the admin route); the history keeps ``reason``."""
+        self.registry.set_alias(self.ref.name, alias, version, reason or "moved through the serving admin API",
+                                actor="vaekit-serve-admin")
+
+
+def resolve_source(reference: str | os.PathLike | ModelSource, name: str | None = None,
+                   registry: Any = None) -> ModelSource:
     """A source for ``reference``: a ModelSource is returned as is; an existing folder is a
-    :class:`FolderSource`; registry references need the registry layer."""
+    :class:`FolderSource`; anything else is a registry reference (``name@alias``, ``name/3``, ``name``)
+    looked up in ``registry`` (a ModelRegistry or URI; None: ``$VAEKIT_REGISTRY`` or the default)."""
     if isinstance(reference, ModelSource):
         return reference
     ref = str(reference)
     if Path(ref).is_dir():
         return FolderSource(ref, name)
-    raise ConfigError(f"model reference must be a model folder (config.json + model.safetensors) or a registry "
-                      f"reference (name@alias, name/3; needs the model registry), got {describe(ref)}")
+    forms = "a model folder (config.json + model.safetensors) or a registry reference (name@alias, name/3, name)"
+    if ref.startswith((".", "/", "~")) or ref.count("/") > 1 or os.sep != "/" and os.sep in ref:
+        raise ConfigError(f"model reference must be {forms}, got {describe(ref)}: no such folder")
+    if registry is None and not _default_registry_exists():
+        raise ConfigError(f"model reference must be {forms}, got {describe(ref)}: no such folder, and no registry "
+                          "to look it up in (pass --registry URI or set VAEKIT_REGISTRY)")
+    src = RegistrySource(ref, registry, name)
+    src.current_version()  # fail now, naming the reference, when it does not resolve
+    return src
+
+
+def _default_registry_exists() -> bool:
+    """True unless the default registry is a SQLite file that does not exist (opening it would create it)."""
+    from vaekit.registry.core import DEFAULT_URI, ENV_URI
+
+    uri = os.environ.get(ENV_URI) or DEFAULT_URI
+    return not uri.startswith("sqlite:///") or Path(uri.removeprefix("sqlite:///")).is_file()
