@@ -293,7 +293,7 @@ class ModelService:
         allocator growth or kernel selection (and CUDA's lazy init happens here)."""
         y_for = _example_condition(model)
         with torch.inference_mode():
-            for b in sorted({1, min(self.max_batch_size, 8), self.max_batch_size}):
+            for b in sorted({1, min(self.max_batch_size, 8), self.max_batch_size}, reverse=True):  # batch 1 last
                 x = torch.full((b, *model.input_shape), 0.5, device=model.device, dtype=model.dtype)
                 for _ in range(2):
                     model.inspect(x, y_for(b))
