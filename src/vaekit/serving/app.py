@@ -366,9 +366,8 @@ def create_app(services: ModelService | Sequence[ModelService], *, max_body_byte
             for s in by_name.values():
                 await asyncio.to_thread(s.start)
         for s in by_name.values():
-            if s.ready and not getattr(s, "_vaekit_metrics_attached", False):
+            if s.ready:
                 metrics_obj.watch(s)
-                s._vaekit_metrics_attached = True
         yield
         if manage:
             for s in by_name.values():
@@ -381,7 +380,6 @@ def create_app(services: ModelService | Sequence[ModelService], *, max_body_byte
     for s in by_name.values():  # services started before the app (tests, the CLI) are watched at once
         if s.ready:
             metrics_obj.watch(s)
-            s._vaekit_metrics_attached = True
     app.include_router(v1)  # first: routes are matched in order, and these carry the traffic
     app.include_router(oip.router)
     app.include_router(ops)

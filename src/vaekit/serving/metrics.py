@@ -58,9 +58,14 @@ class Metrics:
         self.info = Gauge("vaekit_model_info", "1 for the version being served", ("model", "version"), registry=r)
         self.dropped = Gauge("vaekit_records_dropped_total", "request records dropped (sink queue full)",
                              ("model",), registry=r)
+        self._watched: set[int] = set()
 
     def watch(self, service: Any) -> None:
-        """Attach to a ModelService: stats observer, swap listener, live gauges."""
+        """Attach to a started ModelService (once; later calls do nothing): stats observer, swap listener,
+        live gauges. A service shared by two apps feeds both apps' metrics."""
+        if id(service) in self._watched:
+            return
+        self._watched.add(id(service))
         name = service.name
         self.queue_depth.labels(name).set_function(lambda: service.queue_depth)
         self.dropped.labels(name).set_function(lambda: service.records_dropped)

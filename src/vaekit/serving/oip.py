@@ -174,8 +174,12 @@ def tensor_from_input(inp: InferInput, i: int, allowed: tuple[str, ...], pixels:
                           None, "[0, 255]")
         return (arr / 255.0).astype(np.float32) if pixels else arr.astype(np.int64)
     if "INT" in inp.datatype:
+        if arr.size and np.abs(arr).max() >= 2**62:
+            raise Problem(400, "Invalid input", f"{field}.data holds integers too large for int64", f"{field}.data",
+                          None, "integers below 2**62")
         return arr.astype(np.int64)
-    return arr.astype(np.float32)
+    with np.errstate(over="ignore"):  # beyond float32 becomes inf, which the model's input check names
+        return arr.astype(np.float32)
 
 
 @router.post("/models/{name}/infer", summary="Inference (KServe V2 / Open Inference Protocol)")
