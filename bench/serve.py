@@ -139,16 +139,19 @@ def free_port() -> int:
 def wait_ready(port: int, proc: subprocess.Popen, timeout: float = 60.0) -> None:
     import httpx
 
+    from vaekit.serving import Client
+
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
+    with Client(f"http://127.0.0.1:{port}", timeout=1) as client:
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited with {proc.returncode}")
+            try:
+                if client.readyz():
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
     raise RuntimeError("server did not become ready")
 
 

@@ -144,3 +144,36 @@ def test_serve_cli_refuses_a_bad_reference(tmp_path):
     r = subprocess.run([sys.executable, "-m", "vaekit.cli.main", "serve", str(tmp_path / "missing")], env=env,
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "model reference must be a model folder" in r.stderr
+
+
+def test_python_client_against_a_real_server(tmp_path):
+    from vaekit.serving import Client, ClientError
+
+    model = save_model(tmp_path / "m")
+    port = free_port()
+    proc = start_server(model, port)
+    try:
+        with Client(f"http://127.0.0.1:{port}") as c:
+            assert c.healthz() and c.readyz() and c.models()[0]["name"] == "m"
+            x = images(2)
+            a, b = c.score("m", x), c.score("m", x, fmt="json")
+            assert a["version"] == b["version"] and len(a["results"]) == 2
+            assert [r["recon_nats"] for r in a["results"]] == pytest.approx([r["recon_nats"] for r in b["results"]])
+            assert len(c.encode("m", x)["results"][0]["mean"]) == 4
+            assert c.reconstruct("m", x, png=True)[:8] == b"\x89PNG\r\n\x1a\n"
+            assert np.asarray(c.decode("m", np.zeros((1, 4), np.float32))["images"]).shape == (1, 1, 28, 28)
+            assert c.generate("m", 2, seed=3)["images"] == c.generate("m", 2, seed=3)["images"]
+            out = c.infer("m", [{"name": "x", "shape": [1, 1, 28, 28], "datatype": "FP32",
+                                 "data": x[0].ravel().tolist()}], outputs=["recon_nats"], id="7")
+            assert out["id"] == "7" and out["outputs"][0]["name"] == "recon_nats"
+            assert c.reload("m", TOKEN)["changed"] is False
+            with pytest.raises(ClientError) as err:
+                c.score("m", x * 255)
+            assert err.value.status == 422 and "[0, 1]" in err.value.problem["detail"]
+            with pytest.raises(ClientError) as err:
+                c.reload("m", "wrong")
+            assert err.value.status == 403
+            assert "vaekit_requests_total" in c.metrics()
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=20)
