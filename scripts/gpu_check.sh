@@ -15,6 +15,7 @@ rc=0
 nvidia-smi -L | tee "$OUT/device.txt"
 python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())" | tee -a "$OUT/device.txt"
 python3 -m pytest -q -p no:cacheprovider -o addopts="" tests/test_cuda.py 2>&1 | tee "$OUT/pytest_cuda.log" || rc=1
+python3 -m pytest -q -s -p no:cacheprovider -o addopts="" tests/test_cuda.py -k serving 2>&1 | grep -E "batch-1|passed|failed" | tee "$OUT/serving_cuda.log" || rc=1
 torchrun --standalone --nproc_per_node=1 -m vaekit.cli.main train --set model=vqvae --set train.max_steps=200 \
     --set train.progress=false --set train.precision=bf16 --set name=gpu-vqvae-nccl --set out_dir="$OUT/runs" \
     --set train.tensorboard=off 2>&1 | tail -n 8 | tee "$OUT/torchrun_vqvae.log" || rc=1

@@ -101,3 +101,73 @@ def test_importance_sampled_nll_on_the_gpu_agrees_with_cpu(mnist_gpu):
     gpu = nll(model.cuda(), [x.cuda()], k=500, seed=0)
     # different random streams (CPU and CUDA generators): the estimates agree to Monte Carlo error
     assert abs(cpu["nll"] - gpu["nll"]) < 1e-3 * cpu["nll"], (cpu["nll"], gpu["nll"])
+
+
+def test_serving_batch1_latency_on_the_gpu():
+    """Batch-1 /score on the GPU (the brief: under 50 ms at batch size 1): through ModelService and over
+    loopback HTTP (uvicorn in this process), for the 784-400-20 MLP VAE; the stats match the CPU's."""
+    figures = serving_latency("cuda")
+    print(f"\n{torch.cuda.get_device_name()}: batch-1 score, service p50 {figures['service_p50']:.3f} ms "
+          f"p99 {figures['service_p99']:.3f} ms; HTTP p50 {figures['http_p50']:.3f} ms "
+          f"p99 {figures['http_p99']:.3f} ms")
+    assert figures["http_p99"] < 50.0
+
+
+def serving_latency(device: str, runs: int = 300) -> dict[str, float]:
+    import io
+    import socket
+    import tempfile
+    import threading
+    import time
+
+    import httpx
+    import numpy as np
+    import uvicorn
+
+    from vaekit.serving import ModelService, create_app
+
+    def pct(ts, q):
+        ts = sorted(ts)
+        return ts[int(q * (len(ts) - 1))] * 1e3
+
+    torch.manual_seed(0)
+    cpu_model = build_model(VAEConfig(latent_dim=20, hidden_sizes=(400,)))
+    x = np.random.default_rng(0).random((1, 1, 28, 28), dtype=np.float32)
+    buf = io.BytesIO()
+    np.save(buf, x)
+    with tempfile.TemporaryDirectory() as tmp:
+        cpu_model.save(f"{tmp}/mnist")
+        svc = ModelService(f"{tmp}/mnist", device=device).start()
+        assert svc.deployment.model.device.type == device
+        ts = []
+        for i in range(runs):
+            t0 = time.perf_counter()
+            r = svc.score(x)
+            if i >= 50:
+                ts.append(time.perf_counter() - t0)
+        with torch.no_grad():
+            want = cpu_model.inspect(torch.from_numpy(x))
+        torch.testing.assert_close(r.stats.recon_nats, want.recon_nats, atol=1e-2, rtol=1e-4)
+        torch.testing.assert_close(r.stats.latent, want.latent, atol=1e-4, rtol=1e-4)
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        server = uvicorn.Server(uvicorn.Config(create_app(svc, manage=False), port=port, log_level="warning"))
+        thread = threading.Thread(target=server.run, daemon=True)
+        thread.start()
+        while not server.started:
+            time.sleep(0.05)
+        http = []
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}") as c:
+            for i in range(runs):
+                t0 = time.perf_counter()
+                resp = c.post("/v1/models/mnist/score", content=buf.getvalue(),
+                              headers={"content-type": "application/x-npy"})
+                if i >= 50:
+                    http.append(time.perf_counter() - t0)
+                assert resp.status_code == 200
+        server.should_exit = True
+        thread.join(10)
+        svc.close()
+    return {"service_p50": pct(ts, .5), "service_p99": pct(ts, .99), "http_p50": pct(http, .5),
+            "http_p99": pct(http, .99)}

@@ -183,3 +183,23 @@ def test_bad_inputs_are_refused(held_out):
         list(vae.parameters())[-1][0] = float("nan")  # one poisoned weight
     with pytest.raises(InputError, match="non-finite [a-z_]+ for 200 of the 200 held-out"):
         compute_profile(vae, x)
+
+
+@pytest.mark.parametrize("name", ["vae", "vqvae"])
+def test_the_profile_stores_fitted_anomaly_detectors_the_service_can_read(name, held_out, tmp_path):
+    """The p99 thresholds and the scores they belong to travel with the profile (issue 14)."""
+    model = _model(name)
+    prof = _profile(model, held_out)
+    folder = attach_profile(model.save(tmp_path / "m"), prof)
+    back = read_profile(folder)
+    assert back.detectors == prof.detectors and "mse" in back.detectors
+    det = back.detector("mse", load_model(folder))
+    x = held_out[0]
+    assert det.threshold_ == pytest.approx(prof.detectors["mse"]["threshold"])
+    assert 0 < float(det.predict(x).double().mean()) < 0.1  # about 1% of the calibration images are over p99
+    if model.defines_elbo:
+        assert "ensemble" in back.detectors
+    else:  # the VQ-VAE has no ELBO: the ensemble is absent, with the reason
+        assert "ensemble" not in back.detectors and back.info["detectors_absent"]["ensemble"]
+        with pytest.raises(ArtifactError, match="no 'ensemble' detector"):
+            back.detector("ensemble", model)

@@ -108,6 +108,14 @@ class StorageError(VaekitError, OSError):
         return self.message
 
 
+class UnsupportedModelError(VaekitError, TypeError):
+    """A function needs a model capability (a class-level flag) that this model's family lacks."""
+
+
+class NotFittedError(VaekitError, AttributeError):
+    """A fitted object (score statistics, detector, threshold, drift test) was used before ``fit``."""
+
+
 def describe(value: Any) -> str:
     """Short repr of a user value for error messages (long values are cut)."""
     text = repr(value)
@@ -129,3 +137,7 @@ def check_positive(name: str, value: Any, *, allow_zero: bool = False, integer: 
     if value < 0 or (value == 0 and not allow_zero) or value != value:
         bound = ">= 0" if allow_zero else "> 0"
         raise ConfigError(f"{name} must be {bound}, got {describe(value)}")
+
+
+class WebhookError(VaekitError, RuntimeError):
+    """A webhook alert sink gave up: every attempt failed (the last status or error is in the message)."""

@@ -1,8 +1,8 @@
 """``vaekit evaluate RUN_OR_MODEL``: test-split ELBO with its recon and KL terms, or a full report.
 
 Without ``--metrics`` it prints the ELBO breakdown and writes ``eval.json`` (as before). With
-``--metrics elbo,latent,nll,recon,fid,mig,images`` (or ``all``) it runs those parts of the
-evaluation suite and writes ``report.json``, ``report.md`` and PNG images into ``--report-dir``
+``--metrics elbo,latent,nll,recon,fid,mig,images,ood`` (or ``all``; ``ood`` needs ``--ood-data``) it runs
+those parts of the evaluation suite and writes ``report.json``, ``report.md`` and PNG images into ``--report-dir``
 (default ``RUN/report``).
 """
 
@@ -31,7 +31,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-o", "--out", help="JSON file to write (default: RUN/eval.json for a run folder; with "
                    "--metrics, the report JSON, with its Markdown and images beside it)")
     p.add_argument("--metrics", help="comma-separated parts of the evaluation suite to run and report: "
-                   "elbo,latent,nll,recon,fid,mig,images or all (default: ELBO only, no report)")
+                   "elbo,latent,nll,recon,fid,mig,images,ood or all (default: ELBO only, no report)")
     p.add_argument("--report-dir", help="report folder (default: the folder of -o, else RUN/report, else a "
                    "MODEL-report folder beside a model folder: nothing is written into a model folder unasked)")
     p.add_argument("-k", type=int, default=5000, help="importance samples per example for the NLL")
@@ -41,6 +41,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--mig-images", type=int, default=100_000,
                    help="dSprites images for the sampling MIG (0: the whole grid, 737,280)")
     p.add_argument("--extractor", help="FID extractor folder (default: the vaekit cache)")
+    p.add_argument("--ood-data", choices=("mnist", "fashion-mnist", "corrupted"),
+                   help="OOD images for --metrics ood: another dataset's test split or corrupted test images")
+    p.add_argument("--ood-examples", type=int, default=4000,
+                   help="test images for --metrics ood (half fit the scores, half are scored)")
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.set_defaults(func=run)
 
@@ -84,7 +88,8 @@ def run_report(args: argparse.Namespace, model, ds, data_cfg: dict, run_dir: Pat
     metrics = tuple(m.strip() for m in args.metrics.split(",") if m.strip())
     config = EvalConfig(metrics=metrics, k=args.k, nll_examples=args.nll_examples, fid_samples=args.fid_samples,
                         mig_sampling_images=args.mig_images or None, batch_size=args.batch_size, seed=args.seed,
-                        extractor_path=args.extractor, test_examples=args.examples)
+                        extractor_path=args.extractor, test_examples=args.examples, ood_data=args.ood_data,
+                        ood_examples=args.ood_examples)
     out, stem = report_location(args, run_dir)
     binarize = data_cfg.get("binarize", "none")
     print(f"evaluating {args.model} on {ds.name} (test split, binarize={binarize}): {', '.join(config.metrics)}")

@@ -311,3 +311,8 @@ class ImagesPart(ReportPart):
 
 PARTS: dict[str, ReportPart] = {p.name: p for p in (ElboPart(), LatentPart(), NLLPart(), ReconPart(), FIDPart(),
                                                     MIGPart(), ImagesPart())}
+
+# the OOD part lives with the anomaly scores; imported last because it subclasses ReportPart
+from vaekit.anomaly.report_part import OODPart  # noqa: E402
+
+PARTS[OODPart.name] = OODPart()

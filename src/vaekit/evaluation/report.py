@@ -10,6 +10,8 @@ Parts (``EvalConfig.metrics``):
   train-vs-test floor (MNIST and Fashion-MNIST; needs ``vaekit fid-extractor train <dataset>``).
 * ``mig``: both MIG estimators (dSprites only).
 * ``images``: samples, inputs above reconstructions, interpolations, traversals ordered by KL.
+* ``ood``: AUROC, AUPR and FPR at 95% TPR of every anomaly score against ``ood_data``
+  (:mod:`vaekit.anomaly.report_part`), with score histograms.
 
 Each part is an object (:mod:`vaekit.evaluation.parts`) that says when it applies, runs, renders
 its Markdown and summarises itself. A part that does not apply to a model or dataset is recorded
@@ -55,6 +57,8 @@ class EvalConfig:
     extractor_path: str | None = None  # FID extractor folder (None: the cache location)
     traversal_dims: int = 10  # latent dims shown in traversals (largest KL first)
     test_examples: int | None = None  # evaluate on the first N test examples only (None: the whole split)
+    ood_data: str | None = None  # ood part: "mnist", "fashion-mnist" or "corrupted" (None: the part is skipped)
+    ood_examples: int = 4000  # ood part: first N test images (half fit the scores, half are scored)
 
     def __post_init__(self) -> None:
         metrics = tuple(self.metrics)
@@ -65,7 +69,11 @@ class EvalConfig:
             raise ConfigError(f"metrics must be a non-empty list drawn from {list(METRICS)} (or 'all'), "
                               f"got {metrics!r}")
         self.metrics = metrics
-        for name in ("k", "max_samples", "fid_samples", "mig_histogram_images", "batch_size", "traversal_dims"):
+        if self.ood_data is not None and self.ood_data not in ("mnist", "fashion-mnist", "corrupted"):
+            raise ConfigError(f"ood_data must be mnist, fashion-mnist, corrupted or None, "
+                              f"got {describe(self.ood_data)}")
+        for name in ("k", "max_samples", "fid_samples", "mig_histogram_images", "batch_size", "traversal_dims",
+                     "ood_examples"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {describe(v)}")
@@ -127,12 +135,12 @@ def evaluate_model(
                                dataset.provenance, dataset.info)
     ctx = EvalContext(model, dataset, binarize, config, out, {})
     timings: dict[str, float] = {}
-    for name in (m for m in METRICS if m in config.metrics):  # elbo before images (traversals use its KL)
+    for part in (m for m in METRICS if m in config.metrics):  # elbo before images (traversals use its KL)
         t0 = time.perf_counter()
-        ctx.results[name] = run_part(PARTS[name], ctx)
-        timings[name] = round(time.perf_counter() - t0, 2)
+        ctx.results[part] = run_part(PARTS[part], ctx)
+        timings[part] = round(time.perf_counter() - t0, 2)
         if progress:
-            print(f"  {name}: {timings[name]:.1f} s", flush=True)
+            print(f"  {part}: {timings[part]:.1f} s", flush=True)
     report = {
         "model": name or type(model).__name__, "family": model.family,
         "dataset": dataset.name, "dataset_provenance": dataset.provenance, "split": "test", "binarize": binarize,

@@ -58,6 +58,9 @@ PROFILE_VERSION = 1
 PROFILE_JSON = "profile/profile.json"
 PROFILE_ARRAYS = "profile/profile.safetensors"
 QUANTILES = (0.5, 0.9, 0.95, 0.99, 0.999)
+# anomaly detectors fitted at registration (p99 on the held-out images): the cheap reconstruction score
+# every family has, and the ensemble that separates Fashion-MNIST from MNIST both ways (docs/anomaly.md)
+DETECTOR_SCORES = ("mse", "ensemble")
 QUANTILE_NAMES = ("p50", "p90", "p95", "p99", "p99.9")
 HIST_BINS = 32
 PER_EXAMPLE = ("recon_mse", "recon_nll", "kl", "mean_norm", "code_norm", "pixel_mean", "pixel_var")
@@ -79,6 +82,7 @@ class Profile:
     codes: dict[str, float] = field(default_factory=dict)
     latency_ms: dict[str, Any] = field(default_factory=dict)
     absent: dict[str, str] = field(default_factory=dict)
+    detectors: dict[str, dict[str, Any]] = field(default_factory=dict)  # score -> AnomalyDetector.to_dict()
 
     def has(self, name: str) -> bool:
         """True when array ``name`` applies to the family (else ``absent[name]`` says why)."""
@@ -88,7 +92,7 @@ class Profile:
         """The two files stored in the artifact: ``profile/profile.json`` and ``profile/profile.safetensors``."""
         doc = {"format": PROFILE_FORMAT, "format_version": PROFILE_VERSION, "info": self.info,
                "quantiles": self.quantiles, "summary": self.summary, "codes": self.codes,
-               "latency_ms": self.latency_ms, "absent": self.absent,
+               "latency_ms": self.latency_ms, "absent": self.absent, "detectors": self.detectors,
                "arrays": {k: {"shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch.")}
                           for k, v in sorted(self.arrays.items())}}
         arrays = {k: v.detach().cpu().contiguous() for k, v in self.arrays.items()}
@@ -119,7 +123,20 @@ class Profile:
         missing = [k for k in keys if not isinstance(doc.get(k), dict)]
         if missing:
             raise ArtifactError(f"{where}: missing or non-object field(s) {missing}")
-        return cls(arrays=arrays, **{k: doc[k] for k in keys})
+        detectors = doc.get("detectors", {})  # profiles written before detectors were stored have none
+        if not isinstance(detectors, dict):
+            raise ArtifactError(f"{where}: detectors must be an object, got {describe(detectors)}")
+        return cls(arrays=arrays, detectors=detectors, **{k: doc[k] for k in keys})
+
+    def detector(self, score: str, model: Any) -> Any:
+        """The fitted :class:`~vaekit.anomaly.AnomalyDetector` for ``score`` (its p99 threshold on these
+        held-out images), rebuilt for ``model``; ArtifactError naming the stored scores when absent."""
+        from vaekit.anomaly import AnomalyDetector
+
+        if score not in self.detectors:
+            why = self.info.get("detectors_absent", {}).get(score, "it was not fitted at registration")
+            raise ArtifactError(f"the profile has no {score!r} detector ({why}); stored: {sorted(self.detectors)}")
+        return AnomalyDetector.from_dict(self.detectors[score], model)
 
 
 # -- computing -------------------------------------------------------------------------------------
@@ -223,6 +240,7 @@ def compute_profile(
     latency_runs: int = 100,
     latency_warmup: int = 10,
     seed: int = 0,
+    detector_scores: tuple[str, ...] = DETECTOR_SCORES,
 ) -> Profile:
     """The reference profile of ``model`` on held-out ``images`` (N, C, H, W) in [0, 1].
 
@@ -230,8 +248,12 @@ def compute_profile(
     the run, or a named split; nothing here falls back to the training set). ``labels`` (N,)
     are required by conditional families and ignored otherwise. ``source`` describes where the
     images came from (stored in ``info``). ``sample_size`` posterior means (drawn with ``seed``)
-    form the reference sample. Runs in eval mode without gradients on the model's device; the
-    model's train/eval mode is restored. See the module docstring for every field and unit.
+    form the reference sample. ``detector_scores`` are fitted as p99 anomaly detectors
+    (:class:`vaekit.anomaly.AnomalyDetector`) on the same images and stored as ``detectors``, so a
+    service reads the threshold and the score with the profile; a score the family cannot compute
+    is named in ``info["detectors_absent"]`` with the reason. Runs in eval mode without gradients on the
+    model's device; the model's train/eval mode is restored. See the module docstring for every
+    field and unit.
     """
     images, labels = _check_images(model, images, labels)
     _check_int("sample_size", sample_size)
@@ -250,7 +272,23 @@ def compute_profile(
         latency = _latency(model, images[:1].to(dev), y1, latency_runs, latency_warmup)
     finally:
         model.train(was_training)
-    return _assemble(model, parts, len(images), source, sample_size, seed, latency)
+    profile = _assemble(model, parts, len(images), source, sample_size, seed, latency)
+    _fit_detectors(profile, model, images, labels, detector_scores, source)
+    return profile
+
+
+def _fit_detectors(profile: Profile, model: Any, images: torch.Tensor, labels: torch.Tensor | None,
+                   scores: tuple[str, ...], source: str | None) -> None:
+    from vaekit.anomaly import AnomalyDetector
+    from vaekit.errors import UnsupportedModelError
+
+    for score in scores:
+        try:
+            det = AnomalyDetector(model, score=score, percentile=99.0).fit(images, labels, source=source)
+        except UnsupportedModelError as exc:
+            profile.info.setdefault("detectors_absent", {})[score] = str(exc)
+            continue
+        profile.detectors[score] = det.to_dict()
 
 
 def _score_all(model: Any, images: torch.Tensor, labels: torch.Tensor | None,

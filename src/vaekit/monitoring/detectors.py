@@ -1,0 +1,550 @@
+"""Drift detectors that read the VAE's own posterior and errors, in scikit-learn style.
+
+``__init__`` stores its arguments (validated in ``fit``), ``fit(reference) -> self`` sets the
+learned attributes (their names end in ``_``), ``score(window) -> DetectorResult``; a detector used
+before ``fit`` raises NotFittedError. ``reference`` and ``window`` are
+:class:`~vaekit.monitoring.reference.Reference` / :class:`~vaekit.monitoring.reference.Window`.
+
+Every test below controls its false-alarm rate at ``alpha`` (default 0.01, the brief's p < 0.01)
+when the window and the reference are drawn from the same distribution, except the two fixed
+rules the brief states (``MomentsDetector(rule="fixed")`` and ``ExceedanceDetector(test="fixed")``),
+whose false-alarm rates are reported in ``details`` or measured in bench/drift.py. "Controls"
+means on average over the draw of the reference (the tests are exact or conservative for
+exchangeable reference and window images); :class:`ExceedanceDetector` also bounds it for the
+one reference at hand, with 99 % confidence:
+
+* :class:`KSDetector`: a two-sample Kolmogorov-Smirnov test per latent dimension on posterior
+  means (scipy.stats.ks_2samp), Bonferroni (default) or Benjamini-Hochberg across dimensions.
+* :class:`MomentsDetector`: the aggregated posterior q(z) = mean over x of q(z|x), per dimension
+  mean and variance (var = E_x[sigma^2(x)] + Var_x[mu(x)]): the brief's fixed rule vs the prior
+  (|mean| > 0.1 or var < 0.8 in any dimension), or a calibrated test vs the reference.
+* :class:`MMDDetector`: unbiased MMD^2 (vaekit.objectives.mmd) between reference and window
+  posterior means, p-value from a permutation test with the kernel fixed at fit time.
+* :class:`ExceedanceDetector`: the share of a window above a reference threshold: recon error
+  above the reference p99 in more than 1 % of the window (:func:`recon_error_detector`), latent
+  norms above 5 in more than 0.1 % (:func:`latent_norm_detector`); by default a binomial test
+  against a 99 % upper bound of the reference's exceedance rate.
+* :class:`RollingMeanDetector`: the mean over the last ``period_s`` (5 minutes) of recon error,
+  KL and latent norm, each against the reference mean with a 3-sigma rule.
+* :class:`InputStatsDetector`: KS tests on per-image pixel mean and variance (data drift).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Self
+
+import numpy as np
+import torch
+from scipy import stats
+
+from vaekit.errors import ConfigError, InputError, NotFittedError, check_choice, describe
+from vaekit.monitoring.reference import Reference, Window
+from vaekit.objectives.mmd import median_bandwidth, mmd_rbf
+
+
+@dataclass
+class DetectorResult:
+    """One detector's verdict on one window.
+
+    ``statistic``: the test statistic (its meaning is per detector, in ``details["statistic"]``);
+    ``threshold``: the value the statistic is compared with (fixed rules, 3-sigma) or the level
+    ``alpha`` the p-value is compared with; ``p_value``: None for rules without one;
+    ``drifted``: the alarm; ``n``: images in the window; ``details``: per-dimension figures.
+    """
+
+    detector: str
+    statistic: float
+    drifted: bool
+    threshold: float | None = None
+    p_value: float | None = None
+    n: int = 0
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"detector": self.detector, "statistic": self.statistic, "drifted": self.drifted,
+                "threshold": self.threshold, "p_value": self.p_value, "n": self.n, "details": self.details}
+
+
+def _check_alpha(alpha: Any) -> None:
+    if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not 0 < alpha < 1:
+        raise ConfigError(f"alpha must be a number in (0, 1), got {describe(alpha)}")
+
+
+def _check_int(name: str, value: Any, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ConfigError(f"{name} must be an integer >= {low}, got {describe(value)}")
+
+
+class Detector:
+    """Base class: ``fit(reference) -> self``, ``score(window) -> DetectorResult``."""
+
+    name = "detector"
+    _fitted: tuple[str, ...] = ()  # attributes set by fit; score checks they exist
+
+    def fit(self, reference: Reference) -> Self:
+        raise NotImplementedError
+
+    def score(self, window: Window) -> DetectorResult:
+        raise NotImplementedError
+
+    def is_fitted(self) -> bool:
+        return all(hasattr(self, a) for a in self._fitted)
+
+    def _check_fitted(self) -> None:
+        if not self.is_fitted():
+            raise NotFittedError(f"{type(self).__name__} is not fitted: call fit(reference) before score(window)")
+
+    def _check_window(self, window: Any, min_n: int = 2) -> Window:
+        if not isinstance(window, Window):
+            raise InputError(f"window must be a vaekit.monitoring.Window, got {type(window).__name__}")
+        if len(window) < min_n:
+            raise InputError(f"window must hold at least {min_n} images for {type(self).__name__}, got {len(window)}")
+        return window
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.endswith("_") and not k.startswith("_"))
+        return f"{type(self).__name__}({args})"
+
+
+def _reference(reference: Any) -> Reference:
+    if not isinstance(reference, Reference):
+        raise InputError(f"reference must be a vaekit.monitoring.Reference, got {type(reference).__name__}")
+    return reference
+
+
+def _matrix(obj: Any, fields: tuple[str, ...], who: str) -> np.ndarray:
+    """The named fields of a Reference / Window as columns: (N, D) for 'latent', (N, 1) per 1-D field."""
+    cols = [obj.require(f, who) for f in fields]
+    return np.column_stack([c if c.ndim == 2 else c[:, None] for c in cols])
+
+
+def adjust_pvalues(p: np.ndarray, correction: str) -> np.ndarray:
+    """Multiple-testing adjusted p-values: Bonferroni min(1, m p) or Benjamini-Hochberg (scipy)."""
+    p = np.asarray(p, dtype=np.float64)
+    if correction == "bonferroni":
+        return np.minimum(1.0, p * p.size)
+    if correction == "bh":
+        return stats.false_discovery_control(p, method="bh")
+    raise ConfigError(f"correction must be 'bonferroni' or 'bh', got {describe(correction)}")
+
+
+class KSDetector(Detector):
+    """Two-sample KS test per feature (default: each latent dimension of the posterior mean).
+
+    The window drifts when any adjusted p-value is below ``alpha``: Bonferroni (family-wise
+    error <= alpha) or Benjamini-Hochberg (false discovery rate <= alpha; with no drift at all
+    this also bounds the false-alarm rate by alpha). ``p_value`` is the smallest adjusted p-value.
+    """
+
+    name = "ks_latent"
+    _fitted = ("reference_", "n_features_")
+
+    def __init__(self, alpha: float = 0.01, correction: str = "bonferroni", fields: tuple[str, ...] = ("latent",),
+                 name: str | None = None):
+        self.alpha, self.correction, self.fields = alpha, correction, fields
+        if name is not None:
+            self.name = name
+
+    def fit(self, reference: Reference) -> Self:
+        _check_alpha(self.alpha)
+        check_choice("correction", self.correction, ("bonferroni", "bh"))
+        self.reference_ = _matrix(_reference(reference), tuple(self.fields), type(self).__name__)
+        if self.reference_.shape[0] < 2:
+            raise InputError(f"the reference must hold at least 2 images, got {self.reference_.shape[0]}")
+        self.n_features_ = self.reference_.shape[1]
+        return self
+
+    def score(self, window: Window) -> DetectorResult:
+        self._check_fitted()
+        w = _matrix(self._check_window(window), tuple(self.fields), type(self).__name__)
+        if w.shape[1] != self.n_features_:
+            raise InputError(f"window has {w.shape[1]} features ({self.fields}), the reference {self.n_features_}")
+        res = stats.ks_2samp(self.reference_, w, axis=0)
+        p = np.atleast_1d(res.pvalue)
+        adj = adjust_pvalues(p, self.correction)
+        flagged = np.flatnonzero(adj < self.alpha)
+        return DetectorResult(self.name, float(np.max(res.statistic)), bool(flagged.size), self.alpha, float(adj.min()),
+                              w.shape[0], {"statistic": "max KS distance over features", "p_values": p.tolist(),
+                                           "adjusted": adj.tolist(), "flagged": flagged.tolist(),
+                                           "correction": self.correction})
+
+
+class InputStatsDetector(KSDetector):
+    """Data drift on the inputs themselves: KS tests on per-image pixel mean and variance."""
+
+    name = "input_stats"
+
+    def __init__(self, alpha: float = 0.01, correction: str = "bonferroni",
+                 fields: tuple[str, ...] = ("pixel_mean", "pixel_var"), name: str | None = None):
+        super().__init__(alpha, correction, fields, name)
+
+
+def aggregated_moments(latent: np.ndarray, logvar: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and variance (D,) of the aggregated posterior q(z) = (1/N) sum_x N(mu(x), sigma^2(x)).
+
+    var = E_x[sigma^2(x)] + Var_x[mu(x)] (law of total variance, population variance); without
+    ``logvar`` (point codes) only the second term.
+    """
+    mean = latent.mean(0)
+    var = latent.var(0)
+    if logvar is not None:
+        var = var + np.exp(logvar).mean(0)
+    return mean, var
+
+
+class MomentsDetector(Detector):
+    """Aggregated-posterior moments per latent dimension.
+
+    ``rule="fixed"`` (the brief's): drift when any dimension has |mean| > ``max_abs_mean`` (0.1)
+    or variance < ``min_var`` (0.8), i.e. q(z) moved away from the prior N(0, I). The statistic is
+    max over dimensions of max(|mean| / max_abs_mean, min_var / var): above 1 means drift. Its
+    false-alarm rate is not controlled (a trained VAE's q(z) need not match the prior that well):
+    bench/drift.py measures it.
+
+    ``rule="calibrated"``: vs the reference's own moments. Per dimension the differences of mean
+    and log-variance, each divided by its spread under no drift; the statistic is the largest of
+    the 2D standardized differences, its null distribution is that of ``n_splits`` random splits of
+    the reference into a pseudo-window of the window's size and the rest (computed once per window
+    size), and ``p_value`` = (1 + #null >= statistic) / (1 + n_splits). When the reference and the
+    window both carry ``logvar`` the variance is q(z)'s, else that of the posterior means.
+    """
+
+    name = "moments"
+    _fitted = ("latent_", "logvar_", "mean_", "var_")
+
+    def __init__(self, rule: str = "calibrated", alpha: float = 0.01, max_abs_mean: float = 0.1, min_var: float = 0.8,
+                 n_splits: int = 1000, seed: int = 0, name: str | None = None):
+        self.rule, self.alpha, self.max_abs_mean, self.min_var = rule, alpha, max_abs_mean, min_var
+        self.n_splits, self.seed = n_splits, seed
+        if name is not None:
+            self.name = name
+
+    def fit(self, reference: Reference | None = None) -> Self:
+        """``rule="fixed"`` compares with the prior and needs no reference (None is allowed)."""
+        check_choice("rule", self.rule, ("fixed", "calibrated"))
+        _check_alpha(self.alpha)
+        _check_int("n_splits", self.n_splits, 100)
+        if self.rule == "fixed" and reference is None:
+            self.latent_ = self.logvar_ = self.mean_ = self.var_ = None
+            self.null_ = {}
+            return self
+        ref = _reference(reference)
+        self.latent_ = ref.require("latent", type(self).__name__)
+        self.logvar_ = ref.logvar
+        self.mean_, self.var_ = aggregated_moments(self.latent_, self.logvar_)
+        self.null_: dict[tuple[int, bool], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        return self
+
+    def score(self, window: Window) -> DetectorResult:
+        self._check_fitted()
+        window = self._check_window(window)
+        mu = window.require("latent", type(self).__name__)
+        if self.rule == "fixed":
+            mean, var = aggregated_moments(mu, window.logvar)
+            ratio = np.maximum(np.abs(mean) / self.max_abs_mean, self.min_var / np.maximum(var, 1e-300))
+            return DetectorResult(self.name, float(ratio.max()), bool((ratio > 1).any()), 1.0, None, len(window),
+                                  {"statistic": "max over dims of max(|mean|/max_abs_mean, min_var/var)",
+                                   "mean": mean.tolist(), "var": var.tolist(), "rule": "fixed",
+                                   "flagged": np.flatnonzero(ratio > 1).tolist(),
+                                   "variance": "q(z)" if window.logvar is not None else "posterior means"})
+        if self.latent_ is None:
+            raise NotFittedError("MomentsDetector(rule='calibrated') needs a reference: call fit(reference)")
+        if mu.shape[1] != self.latent_.shape[1]:
+            raise InputError(f"window latent has {mu.shape[1]} dims, the reference {self.latent_.shape[1]}")
+        use_var = self.logvar_ is not None and window.logvar is not None
+        ref_mean, ref_var = aggregated_moments(self.latent_, self.logvar_ if use_var else None)
+        mean, var = aggregated_moments(mu, window.logvar if use_var else None)
+        scale_m, scale_v, null = self._null(len(window), use_var)
+        z = np.concatenate([np.abs(mean - ref_mean) / scale_m, np.abs(np.log(var) - np.log(ref_var)) / scale_v])
+        t = float(z.max())
+        p = float((1 + (null >= t).sum()) / (1 + null.size))
+        return DetectorResult(self.name, t, p < self.alpha, self.alpha, p, len(window),
+                              {"statistic": "max standardized |diff| of per-dim mean and log-variance",
+                               "rule": "calibrated", "mean": mean.tolist(), "var": var.tolist(),
+                               "ref_mean": ref_mean.tolist(), "ref_var": ref_var.tolist(),
+                               "variance": "q(z)" if use_var else "posterior means",
+                               "null_p99": float(np.quantile(null, 0.99))})
+
+    def _null(self, n: int, use_var: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per-dim spreads and the null statistics for windows of ``n`` images (cached per n)."""
+        key = (n, use_var)
+        if key in self.null_:
+            return self.null_[key]
+        N = self.latent_.shape[0]
+        rng = np.random.default_rng([self.seed, n])
+        lv = self.logvar_ if use_var else None
+        dm, dv = [], []
+        for _ in range(self.n_splits):
+            if n <= N // 2:  # a split: pseudo-window and pseudo-reference disjoint, as real ones are
+                perm = rng.permutation(N)
+                w_idx, r_idx = perm[:n], perm[n:]
+            else:  # a window larger than half the reference: bootstrap it against the whole reference
+                w_idx, r_idx = rng.integers(0, N, n), np.arange(N)
+            wm, wv = aggregated_moments(self.latent_[w_idx], None if lv is None else lv[w_idx])
+            rm, rv = aggregated_moments(self.latent_[r_idx], None if lv is None else lv[r_idx])
+            dm.append(np.abs(wm - rm))
+            dv.append(np.abs(np.log(wv) - np.log(rv)))
+        dm_a, dv_a = np.array(dm), np.array(dv)  # (S, D)
+        # the RMS of |diff| under no drift, per dim (its null standard deviation, the means being ~0)
+        scale_m = np.sqrt((dm_a**2).mean(0)) + 1e-12
+        scale_v = np.sqrt((dv_a**2).mean(0)) + 1e-12
+        null = np.concatenate([dm_a / scale_m, dv_a / scale_v], axis=1).max(1)  # (S,)
+        self.null_[key] = (scale_m, scale_v, null)
+        return self.null_[key]
+
+
+class MMDDetector(Detector):
+    """MMD^2 between reference and window posterior means with a permutation test.
+
+    ``fit`` keeps ``n_reference`` reference rows (a seeded draw) and fixes the RBF bandwidths at
+    (0.5, 1, 2) x the median pairwise distance of that sample (a kernel chosen from the window
+    would break the permutation test's exactness). ``score``: the unbiased MMD^2 of
+    vaekit.objectives.mmd.mmd_rbf, and p = (1 + #perm >= observed) / (1 + n_permutations) over
+    random relabellings of the pooled sample.
+    """
+
+    name = "mmd_latent"
+    _fitted = ("reference_", "bandwidths_")
+
+    def __init__(self, alpha: float = 0.01, n_permutations: int = 200, n_reference: int = 500,
+                 bandwidths: tuple[float, ...] | None = None, seed: int = 0, name: str | None = None):
+        self.alpha, self.n_permutations, self.n_reference = alpha, n_permutations, n_reference
+        self.bandwidths, self.seed = bandwidths, seed
+        if name is not None:
+            self.name = name
+
+    def fit(self, reference: Reference) -> Self:
+        _check_alpha(self.alpha)
+        _check_int("n_permutations", self.n_permutations, 1)
+        if self.n_permutations < math.ceil(1 / self.alpha):
+            raise ConfigError(f"n_permutations must be >= 1/alpha = {math.ceil(1 / self.alpha)} for the test to ever "
+                              f"reach p < alpha, got {self.n_permutations}")
+        _check_int("n_reference", self.n_reference, 4)
+        lat = _reference(reference).require("latent", type(self).__name__)
+        rng = np.random.default_rng(self.seed)
+        pick = rng.choice(lat.shape[0], size=min(self.n_reference, lat.shape[0]), replace=False)
+        self.reference_ = torch.from_numpy(lat[np.sort(pick)])
+        if self.bandwidths is None:
+            half = self.reference_.shape[0] // 2
+            m = median_bandwidth(self.reference_[:half], self.reference_[half:])
+            self.bandwidths_ = (0.5 * m, m, 2.0 * m)
+        else:
+            if len(self.bandwidths) == 0 or not all(isinstance(s, int | float) and s > 0 for s in self.bandwidths):
+                raise ConfigError(f"bandwidths must be positive numbers, got {describe(self.bandwidths)}")
+            self.bandwidths_ = tuple(float(s) for s in self.bandwidths)
+        self._rng = np.random.default_rng([self.seed, 1])
+        return self
+
+    def score(self, window: Window) -> DetectorResult:
+        self._check_fitted()
+        w = torch.from_numpy(self._check_window(window).require("latent", type(self).__name__))
+        if w.shape[1] != self.reference_.shape[1]:
+            raise InputError(f"window latent has {w.shape[1]} dims, the reference {self.reference_.shape[1]}")
+        observed = mmd_rbf(self.reference_, w, self.bandwidths_)
+        null = permutation_mmd(self.reference_, w, self.bandwidths_, self.n_permutations, self._rng)
+        p = float((1 + (null >= observed).sum()) / (1 + self.n_permutations))
+        return DetectorResult(self.name, observed, p < self.alpha, self.alpha, p, w.shape[0],
+                              {"statistic": "unbiased MMD^2, RBF kernels", "bandwidths": list(self.bandwidths_),
+                               "null_p99": float(np.quantile(null, 0.99)), "n_permutations": self.n_permutations})
+
+
+def rbf_kernel(a: torch.Tensor, b: torch.Tensor, bandwidths: tuple[float, ...]) -> torch.Tensor:
+    """sum_s exp(-||a_i - b_j||^2 / (2 s^2)): (N, D), (M, D) -> (N, M) float64 (objectives.mmd's kernel)."""
+    d2 = torch.cdist(a.double(), b.double()).pow(2)
+    return sum(torch.exp(-d2 / (2.0 * s * s)) for s in bandwidths)
+
+
+def permutation_mmd(x: torch.Tensor, y: torch.Tensor, bandwidths: tuple[float, ...], n_permutations: int,
+                    rng: np.random.Generator) -> np.ndarray:
+    """Unbiased MMD^2 of ``n_permutations`` random relabellings of the pooled sample (x: N rows, y: M).
+
+    The pooled kernel matrix K is computed once; a relabelling is a 0/1 indicator w of the rows
+    called x, and sum_{i,j in x} K_ij = w^T K w, so all permutations are two matrix products. The
+    kernel's diagonal is constant (k(a, a) = number of bandwidths), which makes dropping the
+    i = j terms a constant.
+    """
+    n, m = x.shape[0], y.shape[0]
+    pooled = torch.cat([x, y]).double()
+    K = rbf_kernel(pooled, pooled, bandwidths)  # (n + m, n + m)
+    idx = np.argsort(rng.random((n_permutations, n + m)), axis=1)[:, :n]  # (P, n) rows labelled x
+    wx = torch.zeros(n_permutations, n + m, dtype=torch.float64)
+    wx.scatter_(1, torch.from_numpy(idx), 1.0)
+    return mmd_from_kernel(K, wx, float(len(bandwidths))).numpy()
+
+
+def mmd_from_kernel(K: torch.Tensor, wx: torch.Tensor, diag: float) -> torch.Tensor:
+    """Unbiased MMD^2 for each labelling: K (T, T) pooled kernel, wx (P, T) 0/1 rows (1: in x) -> (P,).
+
+    ``diag`` is the kernel's constant diagonal k(a, a)."""
+    wy = 1.0 - wx
+    n, m = wx.sum(1), wy.sum(1)  # (P,)
+    Kwx = wx @ K  # (P, T)
+    sxx = (Kwx * wx).sum(1)
+    sxy = (Kwx * wy).sum(1)
+    syy = ((wy @ K) * wy).sum(1)
+    xx = (sxx - n * diag) / (n * (n - 1))
+    yy = (syy - m * diag) / (m * (m - 1))
+    return xx + yy - 2.0 * sxy / (n * m)
+
+
+class ExceedanceDetector(Detector):
+    """The share of a window above a threshold set on the reference.
+
+    ``threshold`` (a number) or ``quantile`` of the reference values of ``field`` (e.g. 0.99, the
+    reference p99) sets the line; ``r`` of the ``N`` reference values lie above it. Under no drift
+    the exceedance probability p of the line is at most Beta(r + 1, N - r) distributed (the
+    exceedance probability of the (r+1)-th largest of N exchangeable values). ``test="binomial"``:
+
+    * ``confidence=0.99`` (default): p0 = the ``confidence`` quantile of that Beta, and the window
+      count k of n is tested against Binomial(n, p0): p = P(K >= k), drift at p < alpha. With
+      probability >= ``confidence`` over the draw of the reference, p <= p0 and the false-alarm
+      rate is <= alpha for this reference: a tolerance guarantee, which holds for the one
+      reference a deployment has. (With r ~ 20 the estimated p is noisy: a reference that saw
+      16 of 2,000 above ||z|| = 5 where the population has 1.4 % doubled the false alarms of the
+      marginal test below in bench/drift.py.)
+    * ``confidence=None``: k against Beta-Binomial(n, r + 1, N - r), a false-alarm rate <= alpha on
+      average over references (reference and window exchangeable), not for each reference.
+
+    ``test="fixed"`` (the brief's rule): drift when k / n > ``max_share``;
+    ``details["false_alarm_rate"]`` is that rule's false-alarm rate under no drift at this
+    window size (from the Beta-Binomial, averaged over references).
+    """
+
+    name = "exceedance"
+    _fitted = ("threshold_", "n_reference_", "n_above_")
+
+    def __init__(self, field: str = "recon_mse", threshold: float | None = None, quantile: float | None = 0.99,
+                 max_share: float = 0.01, test: str = "binomial", alpha: float = 0.01,
+                 confidence: float | None = 0.99, name: str | None = None):
+        self.field, self.threshold, self.quantile, self.max_share = field, threshold, quantile, max_share
+        self.test, self.alpha, self.confidence = test, alpha, confidence
+        if name is not None:
+            self.name = name
+
+    def fit(self, reference: Reference) -> Self:
+        check_choice("test", self.test, ("binomial", "fixed"))
+        _check_alpha(self.alpha)
+        if not 0 <= self.max_share < 1:
+            raise ConfigError(f"max_share must be in [0, 1), got {describe(self.max_share)}")
+        if (self.threshold is None) == (self.quantile is None):
+            raise ConfigError(f"give exactly one of threshold and quantile, got threshold={describe(self.threshold)}, "
+                              f"quantile={describe(self.quantile)}")
+        if self.quantile is not None and not 0 < self.quantile < 1:
+            raise ConfigError(f"quantile must be in (0, 1), got {describe(self.quantile)}")
+        if self.confidence is not None and not (isinstance(self.confidence, float) and 0.5 <= self.confidence < 1):
+            raise ConfigError(f"confidence must be None or a number in [0.5, 1), got {describe(self.confidence)}")
+        values = _reference(reference).require(self.field, type(self).__name__)
+        self.threshold_ = float(self.threshold) if self.threshold is not None else float(
+            np.quantile(values, self.quantile))
+        self.n_reference_ = int(values.size)
+        self.n_above_ = int((values > self.threshold_).sum())
+        # the no-drift exceedance probability bound of the tolerance test (None: the marginal test)
+        self.p0_ = None if self.confidence is None else float(
+            stats.beta.ppf(self.confidence, self.n_above_ + 1, self.n_reference_ - self.n_above_))
+        return self
+
+    def null_distribution(self, n: int, marginal: bool = False) -> Any:
+        """The no-drift bound on the count above the line in n requests: scipy's binom(n, p0), or
+        betabinom(n, r + 1, N - r) when ``marginal`` or ``confidence`` is None."""
+        self._check_fitted()
+        if marginal or self.p0_ is None:
+            return stats.betabinom(n, self.n_above_ + 1, self.n_reference_ - self.n_above_)
+        return stats.binom(n, self.p0_)
+
+    def score(self, window: Window) -> DetectorResult:
+        self._check_fitted()
+        v = self._check_window(window, 1).require(self.field, type(self).__name__)
+        n, k = v.size, int((v > self.threshold_).sum())
+        details = {"statistic": f"share of {self.field} > {self.threshold_:.6g}", "count": k,
+                   "line": self.threshold_, "reference_share": self.n_above_ / self.n_reference_, "p0": self.p0_}
+        if self.test == "fixed":
+            null = self.null_distribution(n, marginal=True)
+            details["false_alarm_rate"] = float(null.sf(math.floor(self.max_share * n)))
+            return DetectorResult(self.name, k / n, k / n > self.max_share, self.max_share, None, n, details)
+        p = float(self.null_distribution(n).sf(k - 1))
+        return DetectorResult(self.name, k / n, p < self.alpha, self.alpha, p, n, details)
+
+
+def recon_error_detector(test: str = "binomial", alpha: float = 0.01, field: str = "recon_mse") -> ExceedanceDetector:
+    """The brief's rule: reconstruction error above the reference p99 in more than 1 % of a window."""
+    return ExceedanceDetector(field, quantile=0.99, max_share=0.01, test=test, alpha=alpha, name="recon_p99")
+
+
+def latent_norm_detector(test: str = "binomial", alpha: float = 0.01, threshold: float = 5.0) -> ExceedanceDetector:
+    """The brief's rule: more than 0.1 % of the window with ||z|| > 5 (posterior-mean norm)."""
+    return ExceedanceDetector("latent_norm", threshold=threshold, quantile=None, max_share=0.001, test=test,
+                              alpha=alpha, name="latent_norm")
+
+
+class RollingMeanDetector(Detector):
+    """The mean over the last ``period_s`` seconds of each of ``fields`` vs the reference, 3-sigma.
+
+    For a field with reference mean mu and standard deviation s over N images, and n window images
+    in the last ``period_s`` (all of them when the window has no timestamps), z = (m - mu) / se with
+    se = s * sqrt(1/n + 1/N) (the window mean's and the reference mean's sampling errors); drift
+    when any |z| > ``n_sigma``. Per field and window the false-alarm rate is ~0.27 % (two-sided
+    normal tail at 3 sigma, by the central limit theorem); over three fields about 0.8 %.
+    """
+
+    name = "rolling_mean"
+    _fitted = ("mean_", "std_", "n_reference_")
+
+    def __init__(self, fields: tuple[str, ...] = ("recon_mse", "kl", "latent_norm"), period_s: float = 300.0,
+                 n_sigma: float = 3.0, min_n: int = 30, name: str | None = None):
+        self.fields, self.period_s, self.n_sigma, self.min_n = fields, period_s, n_sigma, min_n
+        if name is not None:
+            self.name = name
+
+    def fit(self, reference: Reference) -> Self:
+        if not self.fields:
+            raise ConfigError("fields must name at least one per-image array, got ()")
+        for name, v in (("period_s", self.period_s), ("n_sigma", self.n_sigma)):
+            if isinstance(v, bool) or not isinstance(v, int | float) or not v > 0:
+                raise ConfigError(f"{name} must be a number > 0, got {describe(v)}")
+        _check_int("min_n", self.min_n, 2)
+        ref = _reference(reference)
+        cols = {f: ref.require(f, type(self).__name__) for f in self.fields}
+        self.mean_ = {f: float(v.mean()) for f, v in cols.items()}
+        self.std_ = {f: float(v.std(ddof=1)) for f, v in cols.items()}
+        self.n_reference_ = {f: int(v.size) for f, v in cols.items()}
+        return self
+
+    def score(self, window: Window) -> DetectorResult:
+        self._check_fitted()
+        window = self._check_window(window, 1)
+        if window.timestamps is not None:
+            recent = window.select(window.timestamps >= window.timestamps.max() - self.period_s)
+        else:
+            recent = window
+        n = len(recent)
+        if n < self.min_n:
+            raise InputError(f"the last {self.period_s} s of the window hold {n} images, fewer than min_n={self.min_n}")
+        z = {}
+        for f in self.fields:
+            v = recent.require(f, type(self).__name__)
+            se = self.std_[f] * math.sqrt(1 / n + 1 / self.n_reference_[f])
+            z[f] = float((v.mean() - self.mean_[f]) / max(se, 1e-300))
+        worst = max(abs(v) for v in z.values())
+        return DetectorResult(self.name, worst, worst > self.n_sigma, self.n_sigma, None, n,
+                              {"statistic": "max |z| of the rolling means", "z": z,
+                               "means": {f: float(recent.require(f, "").mean()) for f in self.fields},
+                               "reference_means": self.mean_,
+                               "span_s": self.period_s if window.timestamps is not None else None})
+
+
+def default_detectors(alpha: float = 0.01, kl: bool = True) -> dict[str, Detector]:
+    """Every detector with its default settings, keyed by name (``kl=False`` for families without a KL)."""
+    fields = ("recon_mse", "kl", "latent_norm") if kl else ("recon_mse", "latent_norm")
+    dets: list[Detector] = [
+        KSDetector(alpha=alpha), KSDetector(alpha=alpha, correction="bh", name="ks_latent_bh"),
+        MomentsDetector(rule="fixed", name="moments_fixed"), MomentsDetector(rule="calibrated", alpha=alpha),
+        MMDDetector(alpha=alpha), recon_error_detector(alpha=alpha),
+        ExceedanceDetector("recon_mse", quantile=0.99, test="fixed", name="recon_p99_fixed"),
+        latent_norm_detector(alpha=alpha),
+        ExceedanceDetector("latent_norm", threshold=5.0, quantile=None, max_share=0.001, test="fixed",
+                           name="latent_norm_fixed"),
+        RollingMeanDetector(fields=fields), InputStatsDetector(alpha=alpha),
+    ]
+    return {d.name: d for d in dets}

@@ -1,0 +1,281 @@
+"""The durable record store: one row per served image, and the alert events, in SQL.
+
+SQLite (WAL, beside the registry) is the embedded default; PostgreSQL lets several service
+processes or machines write to one store. Both go through :mod:`vaekit.db` (SQLAlchemy Core), so
+nothing here switches on the dialect. A :class:`RecordStore` is a record sink: the service's
+background dispatcher calls :meth:`RecordStore.write` with batches (one transaction per batch,
+``executemany``), never on a request's thread.
+
+Queries: :meth:`~RecordStore.window` (by model, version, route and time) returns the per-image
+arrays the drift detectors score (:class:`vaekit.monitoring.reference.Window`);
+:meth:`~RecordStore.rollups` gives 5-minute buckets (count, means, p99 of the reconstruction
+error, gate rejections); :meth:`~RecordStore.join` puts the production and shadow records of one
+request id side by side; :meth:`~RecordStore.retain` deletes rows older than a retention period.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, is_dataclass
+from typing import Any
+
+import numpy as np
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    Column,
+    Float,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    delete,
+    func,
+    insert,
+    select,
+)
+
+from vaekit.db import make_engine, reader, run_with_retry
+from vaekit.errors import InputError, VaekitError, describe
+from vaekit.monitoring.reference import Window
+
+SCHEMA_VERSION = 1
+metadata = MetaData()
+
+schema_table = Table(
+    "monitor_schema", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=False),
+    Column("version", Integer, nullable=False),
+)
+
+records = Table(
+    "monitor_records", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("time", Float, nullable=False),  # Unix seconds the request arrived
+    Column("request_id", String(128), nullable=False),
+    Column("idx", Integer, nullable=False, default=0),  # the image's position in its request
+    Column("model", String(128), nullable=False),
+    Column("version", String(64), nullable=False),
+    Column("route", String(16), nullable=False, default="production"),  # production | canary | shadow
+    Column("endpoint", String(32), nullable=False),
+    Column("latency_s", Float, nullable=True),
+    Column("batch_size", Integer, nullable=True),
+    Column("recon_mse", Float, nullable=True),
+    Column("recon_nats", Float, nullable=True),
+    Column("kl", Float, nullable=True),
+    Column("latent_norm", Float, nullable=True),
+    Column("latent", JSON, nullable=True),  # (D,) posterior mean
+    Column("accepted", Boolean, nullable=False, default=True),  # the data-quality gate's verdict
+    Column("reason", Text, nullable=True),  # why the gate rejected it
+    Column("pixel_mean", Float, nullable=True),
+    Column("pixel_var", Float, nullable=True),
+    Column("verdicts", JSON, nullable=True),  # the profile's per-image verdicts (recon above p99, ...)
+    Index("ix_monitor_records_mvrt", "model", "version", "route", "time"),
+    Index("ix_monitor_records_request", "request_id"),
+)
+
+alerts = Table(
+    "monitor_alerts", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("at", String(32), nullable=False),  # ISO 8601 UTC
+    Column("model", String(128), nullable=False),
+    Column("version", String(64), nullable=False),
+    Column("rule", String(128), nullable=False),
+    Column("status", String(16), nullable=False),  # firing | resolved
+    Column("doc", JSON, nullable=False),  # the whole Alert.to_dict()
+    Index("ix_monitor_alerts_model_at", "model", "at"),
+)
+
+COLUMNS = [c.name for c in records.columns if c.name != "id"]
+FIELD_NAMES = {"index": "idx"}  # RequestRecord field -> column
+
+
+class StoreError(VaekitError, RuntimeError):
+    """The record store cannot be opened (a newer schema) or a query is malformed."""
+
+
+def _row(record: Any) -> dict[str, Any]:
+    """A table row from a RequestRecord-like object (a dataclass or a mapping with the same field names)."""
+    data = asdict(record) if is_dataclass(record) else dict(record) if isinstance(record, Mapping) else None
+    if data is None:
+        raise InputError(f"a record must be a dataclass or a mapping of fields, got {describe(record)}")
+    row = {FIELD_NAMES.get(k, k): v for k, v in data.items() if FIELD_NAMES.get(k, k) in COLUMNS}
+    missing = [c for c in ("time", "request_id", "model", "version", "endpoint") if row.get(c) is None]
+    if missing:
+        raise InputError(f"a record needs {missing}, got fields {sorted(data)}")
+    row.setdefault("route", "production")
+    row.setdefault("idx", 0)
+    row.setdefault("accepted", True)
+    for c in ("recon_mse", "recon_nats", "kl", "latent_norm", "pixel_mean", "pixel_var", "latency_s"):
+        v = row.get(c)
+        if v is not None and not math.isfinite(float(v)):
+            row[c] = None  # JSON and SQL have no NaN; a non-finite figure is stored as missing
+    return row
+
+
+class RecordStore:
+    """Request records and alert events in ``uri`` (``sqlite:///PATH`` or ``postgresql://...``)."""
+
+    def __init__(self, uri: str):
+        self.uri = uri
+        self.engine = make_engine(uri)
+        self._init_schema()
+
+    def _init_schema(self) -> None:
+        def init() -> None:
+            with self.engine.begin() as conn:
+                metadata.create_all(conn)
+                have = conn.execute(select(schema_table.c.version).where(schema_table.c.id == 1)).scalar()
+                if have is None:
+                    conn.execute(insert(schema_table).values(id=1, version=SCHEMA_VERSION))
+                elif have > SCHEMA_VERSION:
+                    raise StoreError(f"the record store at {self.uri} has schema version {have}, newer than this "
+                                     f"vaekit's {SCHEMA_VERSION}; upgrade vaekit to read it")
+
+        run_with_retry(init)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # -- writing -------------------------------------------------------------------------------
+    def append(self, batch: Iterable[Any]) -> int:
+        """Insert the records of ``batch`` in one transaction; returns how many."""
+        rows = [_row(r) for r in batch]
+        if not rows:
+            return 0
+
+        def write() -> None:
+            with self.engine.begin() as conn:
+                conn.execute(insert(records), rows)
+
+        run_with_retry(write)
+        return len(rows)
+
+    def write(self, batch: list[Any]) -> None:
+        """The record-sink interface of the service's dispatcher."""
+        self.append(batch)
+
+    def append_alerts(self, events: Iterable[Any], model: str) -> int:
+        """Store alert events (``Alert`` objects or their ``to_dict()``) of ``model``."""
+        rows = []
+        for e in events:
+            doc = e.to_dict() if hasattr(e, "to_dict") else dict(e)
+            rows.append({"at": doc["at"], "model": model, "version": str(doc.get("version", "")),
+                         "rule": doc["rule"], "status": doc["status"], "doc": doc})
+        if rows:
+            def write() -> None:
+                with self.engine.begin() as conn:
+                    conn.execute(insert(alerts), rows)
+
+            run_with_retry(write)
+        return len(rows)
+
+    def retain(self, max_age_s: float, now: float | None = None) -> int:
+        """Delete records older than ``max_age_s`` seconds; returns how many were deleted."""
+        if isinstance(max_age_s, bool) or not isinstance(max_age_s, int | float) or max_age_s <= 0:
+            raise InputError(f"max_age_s must be a positive number of seconds, got {describe(max_age_s)}")
+        cutoff = (time.time() if now is None else now) - max_age_s
+
+        def write() -> int:
+            with self.engine.begin() as conn:
+                return conn.execute(delete(records).where(records.c.time < cutoff)).rowcount
+
+        return run_with_retry(write)
+
+    # -- reading -------------------------------------------------------------------------------
+    def _where(self, model: str | None, version: str | None, route: str | None, start: float | None,
+               end: float | None, accepted: bool | None) -> list[Any]:
+        c = records.c
+        conds = []
+        for col, v in ((c.model, model), (c.version, version), (c.route, route)):
+            if v is not None:
+                conds.append(col == str(v))
+        if start is not None:
+            conds.append(c.time >= start)
+        if end is not None:
+            conds.append(c.time < end)
+        if accepted is not None:
+            conds.append(c.accepted == accepted)
+        return conds
+
+    def rows(self, model: str | None = None, version: str | None = None, route: str | None = None,
+             start: float | None = None, end: float | None = None, *, accepted: bool | None = None,
+             limit: int | None = None) -> list[dict[str, Any]]:
+        """Records as dicts, oldest first, filtered by model, version, route and time [start, end)."""
+        q = select(records).where(*self._where(model, version, route, start, end, accepted))
+        q = q.order_by(records.c.time, records.c.id)
+        if limit is not None:
+            q = q.limit(limit)
+        with reader(self.engine).connect() as conn:
+            return [dict(r._mapping) for r in conn.execute(q)]
+
+    def count(self, model: str | None = None, version: str | None = None, route: str | None = None,
+              start: float | None = None, end: float | None = None, *, accepted: bool | None = None) -> int:
+        q = select(func.count()).select_from(records).where(*self._where(model, version, route, start, end,
+                                                                            accepted))
+        with reader(self.engine).connect() as conn:
+            return int(conn.execute(q).scalar() or 0)
+
+    def window(self, model: str, version: str | None = None, route: str | None = None,
+               start: float | None = None, end: float | None = None) -> Window:
+        """The accepted images' arrays over [start, end) as a drift-detector :class:`Window` (rejected
+        images never reach the model, so they never enter the drift statistics)."""
+        rows = self.rows(model, version, route, start, end, accepted=True)
+        if not rows:
+            raise InputError(f"no accepted records of {model!r} (version {version}, route {route}) in "
+                             f"[{start}, {end})")
+        arrays: dict[str, Any] = {"timestamps": np.array([r["time"] for r in rows])}
+        for name in ("recon_mse", "recon_nats", "kl", "latent_norm", "pixel_mean", "pixel_var"):
+            vals = [r[name] for r in rows]
+            if all(v is not None for v in vals):
+                arrays[name] = np.array(vals, dtype=np.float64)
+        lat = [r["latent"] for r in rows]
+        if all(v is not None for v in lat):
+            arrays["latent"] = np.array(lat, dtype=np.float64)
+        return Window(**arrays)
+
+    def rollups(self, model: str, period_s: float = 300.0, start: float | None = None,
+                end: float | None = None) -> list[dict[str, Any]]:
+        """Per ``period_s`` bucket (default 5 minutes), version and route: request count, gate rejections,
+        means of recon error / KL / latent norm and the p99 of the recon error (oldest bucket first)."""
+        if isinstance(period_s, bool) or not isinstance(period_s, int | float) or period_s <= 0:
+            raise InputError(f"period_s must be a positive number of seconds, got {describe(period_s)}")
+        groups: dict[tuple[float, str, str], list[dict[str, Any]]] = {}
+        for r in self.rows(model, start=start, end=end):
+            key = (math.floor(r["time"] / period_s) * period_s, r["version"], r["route"])
+            groups.setdefault(key, []).append(r)
+        out = []
+        for (bucket, version, route), rs in sorted(groups.items()):
+            ok = [r for r in rs if r["accepted"]]
+            row: dict[str, Any] = {"start": bucket, "version": version, "route": route, "n": len(rs),
+                                   "rejected": len(rs) - len(ok)}
+            for name in ("recon_mse", "kl", "latent_norm", "latency_s"):
+                vals = [r[name] for r in ok if r[name] is not None]
+                row[f"{name}_mean"] = float(np.mean(vals)) if vals else None
+            mse = [r["recon_mse"] for r in ok if r["recon_mse"] is not None]
+            row["recon_mse_p99"] = float(np.quantile(mse, 0.99)) if mse else None
+            out.append(row)
+        return out
+
+    def join(self, request_id: str) -> dict[str, list[dict[str, Any]]]:
+        """Every record of one request id, by route (production, canary, shadow)."""
+        with reader(self.engine).connect() as conn:
+            rs = conn.execute(select(records).where(records.c.request_id == request_id)
+                              .order_by(records.c.route, records.c.idx))
+            out: dict[str, list[dict[str, Any]]] = {}
+            for r in rs:
+                out.setdefault(r.route, []).append(dict(r._mapping))
+        return out
+
+    def alert_events(self, model: str | None = None, limit: int = 1000) -> list[dict[str, Any]]:
+        """Stored alert events (newest last)."""
+        q = select(alerts.c.doc).order_by(alerts.c.at, alerts.c.id)
+        if model is not None:
+            q = q.where(alerts.c.model == model)
+        with reader(self.engine).connect() as conn:
+            docs = [r[0] for r in conn.execute(q)]
+        return docs[-limit:]

@@ -1,0 +1,610 @@
+"""ModelService: the transport-free inference service (MLServer's DataPlane; no HTTP in here).
+
+    service = ModelService("runs/mnist/model", max_batch_size=16, max_wait_ms=2)
+    service.start()                                   # load, warm up, start the batcher
+    result = service.score(x)                         # x (B, C, H, W) floats in [0, 1]
+    result.version, result.stats.recon_nats           # (B,) nats, from the same forward pass
+
+Every call (``encode``, ``decode``, ``reconstruct``, ``generate``, ``score``) returns a
+:class:`Result` naming the version that served it, the outputs, and per image the monitoring
+stats of that same pass (``model.inspect``): per-pixel MSE and nats of the reconstruction, KL
+(families that define an ELBO), the posterior mean and its norm, VQ-VAE codes, and the verdicts
+against the reference profile. Concurrent calls go through one :class:`MicroBatcher`; a swap to
+a new version (``reload``) loads and warms the new model in the background and replaces a single
+reference, so a batch that has started finishes on the version it started with.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import secrets
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from vaekit.errors import ConfigError, InputError, check_positive, describe
+from vaekit.models import BaseModel
+from vaekit.models.base import check_class_labels
+from vaekit.serving.batching import Job, MicroBatcher
+from vaekit.serving.records import RecordDispatcher, RecordSink, RequestRecord
+from vaekit.serving.sources import Loaded, ModelSource, resolve_source
+
+log = logging.getLogger("vaekit.serving")
+
+ENDPOINTS = ("encode", "decode", "reconstruct", "generate", "score")
+INSPECTING = ("encode", "reconstruct", "score")  # endpoints that run model.inspect on x
+
+
+def pick_device(device: str | torch.device = "auto") -> torch.device:
+    """``auto`` is CUDA when present, else CPU; otherwise ``device`` as given (checked)."""
+    if isinstance(device, torch.device):
+        return device
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ConfigError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {describe(device)}") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device is {device!r} but CUDA is not available here; use --device cpu or auto")
+    return dev
+
+
+def profile_thresholds(profile: Any) -> dict[str, float]:
+    """The p99 thresholds a verdict compares against, from a reference profile's ``quantiles``
+    (``recon_nll`` nats, ``recon_mse``); empty when there is no profile."""
+    if profile is None:
+        return {}
+    q = getattr(profile, "quantiles", None) or {}
+    out = {}
+    for src, dst in (("recon_nll", "recon_nats_p99"), ("recon_mse", "recon_mse_p99")):
+        v = (q.get(src) or {}).get("p99")
+        if isinstance(v, int | float) and math.isfinite(v):
+            out[dst] = float(v)
+    return out
+
+
+@dataclass
+class Deployment:
+    """One loaded, warmed-up model version."""
+
+    name: str
+    version: str
+    model: BaseModel
+    profile: Any
+    thresholds: dict[str, float]
+    loaded_at: float
+    warmup_ms: float
+
+    @property
+    def family(self) -> str:
+        return self.model.family
+
+    def describe(self) -> dict[str, Any]:
+        m, c = self.model, self.model.config
+        info: dict[str, Any] = {
+            "name": self.name, "version": self.version, "family": m.family, "input_shape": list(m.input_shape),
+            "latent_dim": int(c.latent_dim), "likelihood": c.likelihood, "capabilities": m.capabilities(),
+            "device": str(m.device), "loaded_at": self.loaded_at, "warmup_ms": round(self.warmup_ms, 3),
+            "profile": {"available": self.profile is not None, **self.thresholds},
+        }
+        if m.conditional:
+            info["condition"] = {"kind": c.condition, "num_classes": c.num_classes if c.condition == "class" else None,
+                                 "cond_dim": c.cond_size}
+        if m.discrete_latent:
+            info["code_grid"] = list(c.grid)
+            info["codebook_size"] = int(c.codebook_size)
+        return info
+
+
+@dataclass
+class Stats:
+    """Per-image monitoring figures of one pass, CPU tensors with B rows; None where the family or
+    endpoint has no such figure. Verdicts are bool tensors; ``recon_above_p99`` is None without a profile."""
+
+    recon_mse: torch.Tensor | None = None  # (B,) per-pixel MSE, squared intensity
+    recon_nats: torch.Tensor | None = None  # (B,) -log p(x|z = posterior mean), nats
+    kl: torch.Tensor | None = None  # (B,) nats, families that define an ELBO
+    latent_norm: torch.Tensor | None = None  # (B,)
+    latent: torch.Tensor | None = None  # (B, D) posterior mean
+    logvar: torch.Tensor | None = None  # (B, D)
+    codes: torch.Tensor | None = None  # (B, h, w) int64
+    recon_above_p99: torch.Tensor | None = None  # (B,) bool
+    latent_norm_above_limit: torch.Tensor | None = None  # (B,) bool
+
+    def rows(self, lo: int, hi: int) -> Stats:
+        return Stats(**{k: (v[lo:hi] if v is not None else None) for k, v in self.__dict__.items()})
+
+    def image(self, i: int) -> dict[str, Any]:
+        """Image ``i``'s figures as plain Python data (what the HTTP response and records carry)."""
+        return self.images()[i]
+
+    def images(self) -> list[dict[str, Any]]:
+        """Every image's figures as plain Python data (one ``tolist`` per tensor, not per value)."""
+        n = next((int(t.shape[0]) for t in self.__dict__.values() if t is not None), 0)
+        none = [None] * n
+
+        def col(t):
+            return none if t is None else t.tolist()
+
+        mse, nats, kl, norm = col(self.recon_mse), col(self.recon_nats), col(self.kl), col(self.latent_norm)
+        above, limit = col(self.recon_above_p99), col(self.latent_norm_above_limit)
+        return [{"recon_mse": mse[i], "recon_nats": nats[i], "kl": kl[i], "latent_norm": norm[i],
+                 "verdicts": {"recon_above_p99": above[i], "latent_norm_above_limit": limit[i]}} for i in range(n)]
+
+
+@dataclass
+class Result:
+    """What one call returns. ``outputs`` holds CPU tensors with one row per image of the request."""
+
+    endpoint: str
+    model: str
+    version: str
+    request_id: str
+    outputs: dict[str, torch.Tensor]
+    stats: Stats | None
+    profile_available: bool
+    batch_size: int  # images in the model call that served this request
+    latency_s: float = 0.0
+    seed: int | None = None  # generate: the seed used (given or drawn), so the call can be repeated
+    arrived: float = 0.0  # Unix time the request was accepted
+
+    @property
+    def n(self) -> int:
+        first = next(iter(self.outputs.values()), None)
+        if first is not None:
+            return int(first.shape[0])
+        return int(self.stats.latent_norm.shape[0]) if self.stats and self.stats.latent_norm is not None else 0
+
+
+@dataclass
+class _Payload:
+    endpoint: str
+    x: torch.Tensor | None  # (n, C, H, W), or z for decode
+    y: torch.Tensor | None
+    request_id: str
+    arrived: float  # time.time()
+    seed: int | None = None
+    n: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class ModelService:
+    """Loads a model from a source, warms it up and serves batched calls with per-image stats.
+
+    Parameters: ``source`` a model folder, a registry reference (``name@alias``, ``name/3``; looked up
+    in ``registry``, a ModelRegistry or URI) or any :class:`ModelSource`; ``device``
+    ``auto``/``cpu``/``cuda``; ``max_batch_size`` images per model call (1 turns micro-batching off);
+    ``max_wait_ms`` how long a batch may wait for company; ``latent_norm_limit``
+    the posterior-mean norm above which an image is flagged (5: the product brief); ``max_images``
+    per request; ``sink`` receives a :class:`RequestRecord` per served image (off the request path);
+    ``poll_interval_s`` checks the source for a new version that often (None: only on ``reload()``);
+    ``threads`` sets torch's intra-op threads on the worker (None: leave torch's default);
+    ``observers`` are called after each batch, on the records thread (the metrics hook).
+    """
+
+    def __init__(self, source: str | ModelSource, *, name: str | None = None, registry: Any = None,
+                 device: str | torch.device = "auto",
+                 max_batch_size: int = 16, max_wait_ms: float = 2.0, latent_norm_limit: float = 5.0,
+                 max_images: int = 256, sink: RecordSink | None = None, poll_interval_s: float | None = None,
+                 threads: int | None = None, warmup: bool = True):
+        check_positive("max_batch_size", max_batch_size, integer=True)
+        check_positive("max_wait_ms", max_wait_ms, allow_zero=True)
+        check_positive("latent_norm_limit", latent_norm_limit)
+        check_positive("max_images", max_images, integer=True)
+        if poll_interval_s is not None:
+            check_positive("poll_interval_s", poll_interval_s)
+        if threads is not None:
+            check_positive("threads", threads, integer=True)
+        self.source = resolve_source(source, name, registry)
+        self.name = self.source.name
+        self.device = pick_device(device)
+        self.max_batch_size, self.max_wait_ms = max_batch_size, float(max_wait_ms)
+        self.latent_norm_limit, self.max_images = float(latent_norm_limit), max_images
+        self.poll_interval_s, self.threads, self.warmup = poll_interval_s, threads, warmup
+        self.observers: list[Callable[[list[Result], int], None]] = []  # (results of a batch, images in it)
+        self.swap_listeners: list[Callable[[str | None, str], None]] = []
+        self.sink = sink
+        self._post: RecordDispatcher | None = None  # observers + records, on one background thread
+        self._current: Deployment | None = None
+        self._batcher: MicroBatcher | None = None
+        self._reload_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._poller: threading.Thread | None = None
+        self.swaps = 0
+        self.last_reload_error: str | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+    def start(self) -> ModelService:
+        """Load and warm up the current version, start the batcher (and the poller). Idempotent."""
+        if self._batcher is not None:
+            return self
+        if self.threads is not None:
+            torch.set_num_threads(self.threads)
+        self._current = self._load()
+        self._post = RecordDispatcher(self.sink if self.sink is not None else _NullSink())
+        self._batcher = MicroBatcher(self._run_batch, self.max_batch_size, self.max_wait_ms,
+                                     init=(lambda: torch.set_num_threads(self.threads)) if self.threads else None)
+        if self.poll_interval_s is not None:
+            self._poller = threading.Thread(target=self._poll, name="vaekit-poller", daemon=True)
+            self._poller.start()
+        return self
+
+    def close(self) -> None:
+        """Finish queued work, flush records, stop threads."""
+        self._stop.set()
+        if self._batcher is not None:
+            self._batcher.close()
+        if self._post is not None:
+            self._post.close()
+
+    def __enter__(self) -> ModelService:
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    @property
+    def ready(self) -> bool:
+        """True once a version is loaded and warmed up."""
+        return self._current is not None and self._batcher is not None
+
+    @property
+    def deployment(self) -> Deployment:
+        if self._current is None:
+            raise RuntimeError("the service is not started: call start()")
+        return self._current
+
+    @property
+    def version(self) -> str:
+        return self.deployment.version
+
+    @property
+    def queue_depth(self) -> int:
+        return self._batcher.depth if self._batcher is not None else 0
+
+    @property
+    def records_dropped(self) -> int:
+        return self._post.dropped if self._post is not None else 0
+
+    # -- loading and swapping ----------------------------------------------------------------------
+    def _load(self) -> Deployment:
+        t0 = time.perf_counter()
+        loaded: Loaded = self.source.load(self.device)
+        model = loaded.model.eval()
+        warm = time.perf_counter()
+        if self.warmup:
+            self._warm_up(model)
+        now = time.perf_counter()
+        log.info("loaded %s version %s in %.0f ms (warm-up %.0f ms)", self.name, loaded.version,
+                 (now - t0) * 1e3, (now - warm) * 1e3)
+        return Deployment(self.name, loaded.version, model, loaded.profile, profile_thresholds(loaded.profile),
+                          time.time(), (now - warm) * 1e3)
+
+    def _warm_up(self, model: BaseModel) -> None:
+        """Run the serving pass at the batch sizes it will see, so the first request pays no
+        allocator growth or kernel selection (and CUDA's lazy init happens here)."""
+        y_for = _example_condition(model)
+        with torch.inference_mode():
+            for b in sorted({1, min(self.max_batch_size, 8), self.max_batch_size}, reverse=True):  # batch 1 last
+                x = torch.full((b, *model.input_shape), 0.5, device=model.device, dtype=model.dtype)
+                for _ in range(2):
+                    model.inspect(x, y_for(b))
+        if model.device.type == "cuda":
+            torch.cuda.synchronize(model.device)
+
+    def reload(self, wait: bool = True) -> dict[str, Any]:
+        """Ask the source for its current version; when it differs from the one serving, load and
+        warm up the new one (in this thread when ``wait``, else in a background thread) and swap.
+        Returns ``{"previous", "current", "changed"}`` (``current`` is the new version once swapped)."""
+        if not wait:
+            threading.Thread(target=self._reload_safely, name="vaekit-reload", daemon=True).start()
+            return {"previous": self.version, "current": self.version, "changed": False, "pending": True}
+        return self._reload_once()
+
+    def _reload_safely(self) -> None:
+        try:
+            self._reload_once()
+        except Exception as exc:  # keep serving the old version; say why in /readyz and the log
+            self.last_reload_error = f"{type(exc).__name__}: {exc}"
+            log.exception("reload of %s failed; still serving %s", self.name, self.version)
+
+    def _reload_once(self) -> dict[str, Any]:
+        with self._reload_lock:
+            previous = self.version
+            if self.source.current_version() == previous:
+                return {"previous": previous, "current": previous, "changed": False}
+            new = self._load()
+            if new.version == previous:
+                return {"previous": previous, "current": previous, "changed": False}
+            self._current = new  # one reference assignment: a running batch keeps its own snapshot
+            self.swaps += 1
+            self.last_reload_error = None
+            log.info("%s: swapped version %s -> %s", self.name, previous, new.version)
+            for fn in self.swap_listeners:
+                fn(previous, new.version)
+            return {"previous": previous, "current": new.version, "changed": True}
+
+    def _poll(self) -> None:
+        while not self._stop.wait(self.poll_interval_s):
+            self._reload_safely()
+
+    # -- public calls (blocking); submit() is the non-blocking form ----------------------------------
+    def score(self, x: Any, y: Any = None, request_id: str | None = None) -> Result:
+        """Per-image monitoring stats of x (B, C, H, W) in [0, 1] (no image outputs)."""
+        return self.submit("score", x=x, y=y, request_id=request_id).result()
+
+    def encode(self, x: Any, y: Any = None, request_id: str | None = None) -> Result:
+        """Posterior mean (B, D) and log-variance, or VQ-VAE codes (B, h, w); plus the stats."""
+        return self.submit("encode", x=x, y=y, request_id=request_id).result()
+
+    def reconstruct(self, x: Any, y: Any = None, request_id: str | None = None) -> Result:
+        """Decoder mean at the posterior mean (B, C, H, W); plus the stats."""
+        return self.submit("reconstruct", x=x, y=y, request_id=request_id).result()
+
+    def decode(self, z: Any, y: Any = None, request_id: str | None = None) -> Result:
+        """Decoder mean of latents z (B, D) (VQ-VAE: code indices (B, h, w) int64)."""
+        return self.submit("decode", x=z, y=y, request_id=request_id).result()
+
+    def generate(self, n: int, y: Any = None, seed: int | None = None, request_id: str | None = None) -> Result:
+        """``n`` samples (n, C, H, W); the same ``seed`` gives the same images whatever else runs."""
+        return self.submit("generate", n=n, y=y, seed=seed, request_id=request_id).result()
+
+    def submit(self, endpoint: str, *, x: Any = None, y: Any = None, n: int | None = None, seed: int | None = None,
+               request_id: str | None = None, alone: bool = False) -> Future:
+        """Validate the request now (InputError raised here, in the caller's thread) and queue it;
+        the future resolves to a :class:`Result` (or raises InputError for a fault found later).
+
+        ``alone``: the caller knows no other request is in flight; when the worker is idle the job
+        then runs in this thread at once (the future is already done on return)."""
+        if self._batcher is None:
+            raise RuntimeError("the service is not started: call start()")
+        payload = self.prepare(endpoint, x=x, y=y, n=n, seed=seed, request_id=request_id)
+        key = None if endpoint == "generate" else (endpoint, None if payload.y is None else payload.y.dtype,
+                                                   payload.x.dtype)
+        job = Job(key, payload.n, payload)
+        if alone and self._batcher.try_inline(job):
+            return job.future
+        return self._batcher.submit(job)
+
+    def prepare(self, endpoint: str, *, x: Any = None, y: Any = None, n: int | None = None, seed: int | None = None,
+                request_id: str | None = None) -> _Payload:
+        """Check one request against the serving model; InputError names what is wrong."""
+        if endpoint not in ENDPOINTS:
+            raise InputError(f"endpoint must be one of {list(ENDPOINTS)}, got {describe(endpoint)}")
+        model = self.deployment.model
+        rid = request_id or secrets.token_hex(8)
+        if endpoint == "generate":
+            if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= self.max_images:
+                raise InputError(f"n must be an integer in [1, {self.max_images}], got {describe(n)}")
+            if seed is None:
+                seed = secrets.randbits(63)
+            elif isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+                raise InputError(f"seed must be an integer in [0, 2**63), got {describe(seed)}")
+            return _Payload(endpoint, None, self._check_y(model, y, n, optional=True), rid, time.time(), seed, n)
+        if endpoint == "decode":
+            z = self._check_latent(model, x)
+            batch = z.shape[0]
+        else:
+            x = _as_tensor(x, "x")
+            z = model.check_input(x, "x")
+            batch = z.shape[0]
+        if batch > self.max_images:
+            raise InputError(f"{'z' if endpoint == 'decode' else 'x'} holds {batch} images; at most "
+                             f"{self.max_images} per request are allowed")
+        return _Payload(endpoint, z, self._check_y(model, y, batch), rid, time.time(), None, batch)
+
+    def _check_y(self, model: BaseModel, y: Any, n: int, optional: bool = False) -> torch.Tensor | None:
+        if not model.conditional:
+            if y is not None:
+                raise InputError(f"y must be omitted: model {self.name} ({model.family}) is not conditional, "
+                                 f"got {describe(_short(y))}")
+            return None
+        c = model.config
+        if y is None:
+            if optional:
+                return None
+            want = f"class labels ({n},) in [0, {c.num_classes})" if c.condition == "class" else \
+                f"condition vectors ({n}, {c.cond_size})"
+            raise InputError(f"y is required: model {self.name} is conditional and needs {want}")
+        y = _as_tensor(y, "y")
+        if c.condition == "class":
+            if y.is_floating_point():
+                raise InputError(f"y must hold integer class labels in [0, {c.num_classes}), got dtype {y.dtype}")
+            return check_class_labels(y, c.num_classes, n, what="y")
+        if not y.is_floating_point() or y.ndim != 2 or tuple(y.shape) != (n, c.cond_size):
+            raise InputError(f"y must be float condition vectors of shape ({n}, {c.cond_size}), "
+                             f"got dtype {y.dtype} shape {tuple(y.shape)}")
+        if not bool(torch.isfinite(y).all()):
+            raise InputError("y holds NaN or inf values; condition vectors must be finite")
+        return y.to(model.dtype)
+
+    def _check_latent(self, model: BaseModel, z: Any) -> torch.Tensor:
+        z = _as_tensor(z, "z")
+        if model.discrete_latent:
+            h, w = model.config.grid
+            K = model.config.codebook_size
+            if z.is_floating_point() or z.dtype == torch.bool:
+                raise InputError(f"z must hold integer code indices (B, {h}, {w}) in [0, {K}) for a VQ-VAE, "
+                                 f"got dtype {z.dtype}")
+            if z.ndim != 3 or tuple(z.shape[1:]) != (h, w) or z.shape[0] == 0:
+                raise InputError(f"z must have shape (B, {h}, {w}) (code indices), got {tuple(z.shape)}")
+            lo, hi = int(z.min()), int(z.max())
+            if lo < 0 or hi >= K:
+                raise InputError(f"z code indices must lie in [0, {K}), got values in [{lo}, {hi}]")
+            return z.long()
+        D = model.config.latent_dim
+        if not z.is_floating_point():
+            raise InputError(f"z must hold floats of shape (B, {D}), got dtype {z.dtype}")
+        if z.ndim != 2 or z.shape[1] != D or z.shape[0] == 0:
+            raise InputError(f"z must have shape (B, {D}), got {tuple(z.shape)}")
+        return model.check_latent(z, "z")
+
+    # -- the worker side ---------------------------------------------------------------------------
+    def _run_batch(self, jobs: list[Job]) -> None:
+        dep = self._current  # snapshot: a swap during this batch does not affect it
+        assert dep is not None
+        try:
+            results = self._compute(dep, [j.payload for j in jobs])
+        except InputError:
+            if len(jobs) == 1:
+                raise
+            # one request's fault (found only by the model) must not fail its batch-mates
+            for job in jobs:
+                try:
+                    self._finish(dep, [job], self._compute(dep, [job.payload]))
+                except Exception as exc:
+                    job.future.set_exception(exc)
+            return
+        self._finish(dep, jobs, results)
+
+    def _finish(self, dep: Deployment, jobs: list[Job], results: list[Result]) -> None:
+        now = time.perf_counter()
+        for job, res in zip(jobs, results, strict=True):
+            res.latency_s = now - job.submitted
+            job.future.set_result(res)
+        batch = sum(r.n for r in results)
+        if self._post is not None and (self.observers or self.sink is not None):
+            self._post.submit(lambda: self._after(results, batch))
+
+    def _after(self, results: list[Result], batch: int) -> list[RequestRecord]:
+        """Runs on the records thread: the metrics observers, then the request records for the sink."""
+        for fn in self.observers:
+            fn(results, batch)
+        return [rec for r in results for rec in _records(r)] if self.sink is not None else []
+
+    def _compute(self, dep: Deployment, payloads: list[_Payload]) -> list[Result]:
+        model, endpoint = dep.model, payloads[0].endpoint
+        dev = model.device
+        sizes = [p.n for p in payloads]
+        y = None
+        if payloads[0].y is not None:
+            y = (torch.cat([p.y for p in payloads]) if len(payloads) > 1 else payloads[0].y).to(dev)
+        outputs: dict[str, torch.Tensor] = {}
+        stats: Stats | None = None
+        with torch.inference_mode():
+            if endpoint == "generate":
+                p = payloads[0]
+                g = torch.Generator().manual_seed(p.seed)
+                outputs["images"] = model.sample(p.n, y, generator=g).float().cpu()
+            else:
+                x = (torch.cat([p.x for p in payloads]) if len(payloads) > 1 else payloads[0].x).to(dev)
+                if endpoint == "decode":
+                    outputs["images"] = model.decode(x, y).mean.float().cpu()
+                    if not model.discrete_latent:  # code indices have no norm worth reporting
+                        stats = Stats(latent_norm=x.float().norm(dim=1).cpu())
+                        stats.latent_norm_above_limit = stats.latent_norm > self.latent_norm_limit
+                else:
+                    ins = model.inspect(x, y)
+                    stats = self._stats(dep, ins)
+                    if endpoint == "reconstruct":
+                        outputs["reconstruction"] = ins.reconstruction.float().cpu()
+                    elif endpoint == "encode":
+                        if ins.latent is not None:
+                            outputs["mean"] = stats.latent
+                        if ins.logvar is not None:
+                            outputs["logvar"] = stats.logvar
+                        if ins.codes is not None:
+                            outputs["codes"] = stats.codes
+        results, lo = [], 0
+        batch = sum(sizes)
+        alone = len(payloads) == 1  # the whole batch is this request's: no row slicing
+        for p, n in zip(payloads, sizes, strict=True):
+            hi = lo + n
+            results.append(Result(endpoint, dep.name, dep.version, p.request_id,
+                                  outputs if alone else {k: v[lo:hi] for k, v in outputs.items()},
+                                  stats if alone or stats is None else stats.rows(lo, hi),
+                                  dep.profile is not None, batch, seed=p.seed, arrived=p.arrived))
+            lo = hi
+        return results
+
+    def _stats(self, dep: Deployment, ins: Any) -> Stats:
+        def cpu(t):  # under inference_mode: no autograd history to detach; float()/cpu() are no-ops on CPU
+            if t is None:
+                return None
+            return (t.float() if t.is_floating_point() else t).cpu()
+
+        s = Stats(recon_mse=cpu(ins.recon_mse), recon_nats=cpu(ins.recon_nats), kl=cpu(ins.kl),
+                  latent_norm=cpu(ins.latent_norm), latent=cpu(ins.latent), logvar=cpu(ins.logvar),
+                  codes=cpu(ins.codes))
+        s.latent_norm_above_limit = s.latent_norm > self.latent_norm_limit
+        p99 = dep.thresholds.get("recon_nats_p99")
+        if p99 is not None:
+            s.recon_above_p99 = s.recon_nats > p99
+        return s
+
+    def describe(self) -> dict[str, Any]:
+        """The serving model and settings (what GET /v1/models reports)."""
+        info = self.deployment.describe()
+        info.update(reference=self.source.reference, follows=bool(self.source.follows),
+                    latent_norm_limit=self.latent_norm_limit, max_images=self.max_images,
+                    batching={"max_batch_size": self.max_batch_size, "max_wait_ms": self.max_wait_ms},
+                    swaps=self.swaps, last_reload_error=self.last_reload_error)
+        return info
+
+
+class _NullSink:
+    def write(self, records: list[RequestRecord]) -> None:
+        pass
+
+
+def _records(r: Result) -> list[RequestRecord]:
+    arrived = r.arrived
+    out = []
+    s = r.stats
+    per = s.images() if s is not None and r.n else None
+    latent = s.latent.tolist() if s is not None and s.latent is not None else None
+    codes = s.codes.tolist() if s is not None and s.codes is not None else None
+    for i in range(r.n):
+        rec = RequestRecord(time=arrived, request_id=r.request_id, model=r.model, version=r.version,
+                            endpoint=r.endpoint, latency_s=r.latency_s, index=i, batch_size=r.batch_size)
+        if per is not None:
+            d = per[i]
+            rec.recon_mse, rec.recon_nats, rec.kl, rec.latent_norm = (d["recon_mse"], d["recon_nats"], d["kl"],
+                                                                      d["latent_norm"])
+            rec.verdicts = d["verdicts"]
+            rec.latent = latent[i] if latent is not None else None
+            rec.codes = codes[i] if codes is not None else None
+        out.append(rec)
+    return out
+
+
+def _as_tensor(value: Any, name: str) -> torch.Tensor:
+    """A tensor from a tensor, NumPy array or nested list; InputError for anything else."""
+    if isinstance(value, torch.Tensor):
+        return value.detach()
+    if isinstance(value, np.ndarray):
+        if value.dtype.kind not in "biuf":
+            raise InputError(f"{name} must hold numbers, got a NumPy array of dtype {value.dtype}")
+        return torch.from_numpy(np.ascontiguousarray(value))
+    if isinstance(value, list | tuple):
+        try:
+            arr = np.asarray(value)
+        except ValueError as exc:
+            raise InputError(f"{name} must be a rectangular nested list of numbers: {exc}") from exc
+        if arr.dtype.kind not in "biuf":
+            raise InputError(f"{name} must be a rectangular nested list of numbers, got elements of kind "
+                             f"{arr.dtype} (ragged rows or non-numbers)")
+        return torch.from_numpy(arr.astype(np.float32) if arr.dtype.kind == "f" else arr.astype(np.int64))
+    raise InputError(f"{name} must be a tensor, an array or a nested list of numbers, got {type(value).__name__}")
+
+
+def _short(v: Any) -> Any:
+    return v if not isinstance(v, torch.Tensor | np.ndarray) else f"array of shape {tuple(v.shape)}"
+
+
+def _example_condition(model: BaseModel) -> Callable[[int], torch.Tensor | None]:
+    """y for warm-up batches of size b (class 0 / zero vectors), None for unconditional models."""
+    if not model.conditional:
+        return lambda b: None
+    c = model.config
+    if c.condition == "class":
+        return lambda b: torch.zeros(b, dtype=torch.long, device=model.device)
+    return lambda b: torch.zeros(b, c.cond_size, device=model.device, dtype=model.dtype)
