@@ -119,12 +119,7 @@ def test_relative_and_from_imports_resolve_to_modules():
 
 # Known circles, each an edge (importer, imported) that closes one, with why it is tolerated for now. Each
 # entry must still exist (the test fails when it is gone, so the list cannot go stale); nothing else may.
-KNOWN_CIRCLES = {
-    # evaluation/parts.py imports the OOD part at its very end, after PARTS exists, and the OOD part
-    # subclasses ReportPart from parts.py: a late import that works by order. To remove: let the anomaly
-    # package register its part (e.g. PARTS filled by a register_part() call) instead of parts.py importing it.
-    ("vaekit.evaluation.parts", "vaekit.anomaly.report_part"),
-}
+KNOWN_CIRCLES: set[tuple[str, str]] = set()  # none: a new circle fails the test
 
 
 def test_vaekit_has_no_import_circle():

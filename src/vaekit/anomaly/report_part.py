@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from vaekit.anomaly.ood import DEFAULT_SCORES, ood_datasets, ood_report
-from vaekit.evaluation.parts import ReportPart, fmt
+from vaekit.evaluation.part_base import ReportPart, fmt
 
 if TYPE_CHECKING:
     from vaekit.evaluation.report import EvalContext

@@ -14,15 +14,17 @@ a part may read the results of the parts before it, as ``images`` reads ``elbo``
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+from vaekit.anomaly.report_part import OODPart
 from vaekit.errors import ModelFormatError
 from vaekit.evaluation.elbo import evaluate_elbo
 from vaekit.evaluation.images import save_grid
 from vaekit.evaluation.latent import active_units, mutual_information
 from vaekit.evaluation.nll import nll, supports_nll
+from vaekit.evaluation.part_base import ReportPart, SkippedError, fmt
 from vaekit.evaluation.reconstruction import reconstruction_metrics
 from vaekit.evaluation.traversals import dims_by_kl, interpolations, reconstruction_rows, traversals
 
@@ -30,41 +32,6 @@ if TYPE_CHECKING:
     from vaekit.evaluation.report import EvalContext
 
 FID_DATASETS = ("mnist", "fashion-mnist")
-
-
-class SkippedError(Exception):
-    """A part does not apply to this model or dataset; the message says why."""
-
-
-def fmt(v: Any, digits: int = 3) -> str:
-    return f"{v:.{digits}f}" if isinstance(v, float) else str(v)
-
-
-class ReportPart:
-    """One section of the report (see the module docstring)."""
-
-    name: ClassVar[str] = ""
-    title: ClassVar[str] = ""
-    better: ClassVar[dict[str, str]] = {}  # headline key -> "lower" | "higher"
-
-    def applies(self, ctx: EvalContext) -> str | None:
-        """None when the part can run on ``ctx``; else the reason it cannot (recorded as skipped)."""
-        return None
-
-    def run(self, ctx: EvalContext) -> dict[str, Any]:
-        raise NotImplementedError
-
-    def render(self, r: dict[str, Any], report: dict[str, Any]) -> list[str]:
-        """The Markdown lines of the section's body (the title is added by the report)."""
-        return [f"{k}: {fmt(v)}" for k, v in self.headline(r).items()] + [""]
-
-    def summary(self, r: dict[str, Any]) -> list[tuple[str, Any]]:
-        """Rows for the terminal (label, value)."""
-        return list(self.headline(r).items())
-
-    def headline(self, r: dict[str, Any]) -> dict[str, float]:
-        """The figures named in ``better``, those present in a result."""
-        return {k: r[k] for k in self.better if k in r}
 
 
 def _bits_per_dim(nats: float, model: Any) -> float:
@@ -309,10 +276,6 @@ class ImagesPart(ReportPart):
         return [("images", ", ".join(r["files"].values()))]
 
 
+# the OOD part lives with the anomaly scores (vaekit.anomaly.report_part)
 PARTS: dict[str, ReportPart] = {p.name: p for p in (ElboPart(), LatentPart(), NLLPart(), ReconPart(), FIDPart(),
-                                                    MIGPart(), ImagesPart())}
-
-# the OOD part lives with the anomaly scores; imported last because it subclasses ReportPart
-from vaekit.anomaly.report_part import OODPart  # noqa: E402
-
-PARTS[OODPart.name] = OODPart()
+                                                    MIGPart(), ImagesPart(), OODPart())}
