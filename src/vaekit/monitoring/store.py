@@ -127,6 +127,8 @@ def _row(record: Any) -> dict[str, Any]:
     row.setdefault("route", "production")
     row.setdefault("idx", 0)
     row.setdefault("accepted", True)
+    for c in COLUMNS:  # every row of a batch has every column (executemany needs one key set per statement)
+        row.setdefault(c, None)
     for c in ("recon_mse", "recon_nats", "kl", "latent_norm", "pixel_mean", "pixel_var", "latency_s"):
         v = row.get(c)
         if v is not None and not math.isfinite(float(v)):
