@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from vaekit import __version__
-from vaekit.cli import checkpoints, data, evaluate, fid_extractor, images, prior, registry, serve, train
+from vaekit.cli import checkpoints, data, evaluate, fid_extractor, images, monitor, prior, registry, serve, train
 from vaekit.errors import VaekitError
 
 
@@ -24,6 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     prior.add_parser(sub)
     registry.add_parser(sub)
     serve.add_parser(sub)
+    monitor.add_parser(sub)
     return parser
 
 
