@@ -160,3 +160,39 @@ def test_live_dashboard_in_headless_chromium(populated, tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=20)
+
+
+def test_the_service_serves_the_dashboard_of_its_record_store(tmp_path, trained, mnist, fashion):  # noqa: F811
+    """A live service following mnist@production writes its records to a RecordStore; the monitor alerts on the
+    Fashion-MNIST requests; GET /dashboard shows the charts and the alert. Without a store there is no route."""
+    from fastapi.testclient import TestClient
+
+    from vaekit.serving import ModelService, create_app
+
+    uri = f"sqlite:///{tmp_path / 'db' / 'm.db'}"
+    reg = ModelRegistry(uri, artifact_root=tmp_path / "artifacts", actor="tester@ci")
+    reg.register(trained, "mnist", alias="production", reason="first release", profile_images=held(mnist, 0, 1000))
+    store = RecordStore(uri)
+    service = ModelService("mnist@production", registry=reg, sink=store, max_batch_size=32)
+    with TestClient(create_app(service)) as client:
+        for x in (held(mnist, 1000, 300), held(fashion, 0, 300)):
+            for i in range(0, len(x), 50):
+                r = client.post("/v1/models/mnist/encode", json={"x": x[i:i + 50].tolist()})
+                assert r.status_code == 200, r.text
+        deadline = time.monotonic() + 30
+        while store.count("mnist") < 600 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert store.count("mnist") == 600
+        it = Monitor(store, reg, "mnist", window_s=3600, min_requests=200).run_once()
+        assert "latent_ks" in {e.rule for e in it.events}  # a window half Fashion-MNIST
+        page = client.get("/dashboard")
+        assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+        assert '<path class="series" data-series="v1 production"' in page.text
+        assert '<tr class="alert firing">' in page.text and "latent_ks" in page.text
+        assert "first release" in page.text  # the alias move, from the service's registry
+        assert client.get("/dashboard", params={"model": "other"}).status_code == 404
+    bare = ModelService("mnist@production", registry=reg)
+    with TestClient(create_app(bare)) as client:
+        assert client.get("/dashboard").status_code == 404
+    store.close()
+    reg.close()
