@@ -196,3 +196,41 @@ def test_the_service_serves_the_dashboard_of_its_record_store(tmp_path, trained,
         assert client.get("/dashboard").status_code == 404
     store.close()
     reg.close()
+
+
+def test_grafana_dashboard_queries_only_metrics_that_exist(tmp_path, trained, mnist):  # noqa: F811
+    """Every vaekit_* series the Grafana JSON queries is in a real exposition: the service's /metrics after
+    requests, and the monitor's PrometheusSink after a scored window with an alert."""
+    import json
+
+    from fastapi.testclient import TestClient
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from vaekit.monitoring.alerts import AlertState, default_rules, evaluate_rules
+    from vaekit.monitoring.detectors import DetectorResult
+    from vaekit.monitoring.sinks import PrometheusSink
+    from vaekit.serving import ModelService, create_app
+
+    doc = json.loads((ROOT / "deploy" / "grafana" / "vaekit.json").read_text())
+    exprs = [t["expr"] for p in doc["panels"] for t in p.get("targets", [])]
+    wanted = {m for e in exprs for m in re.findall(r"\bvaekit_[a-z_]+", e)}
+    with TestClient(create_app(ModelService(str(trained)))) as client:
+        assert client.post(f"/v1/models/{Path(trained).name}/encode",
+                           json={"x": held(mnist, 0, 4).tolist()}).status_code == 200
+        deadline = time.monotonic() + 20
+        while True:  # the per-image histograms are observed off the request path, on the records thread
+            served = client.get("/metrics").text
+            if "vaekit_latent_norm_count{" in served or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+    prom = CollectorRegistry()
+    sink = PrometheusSink(prom)
+    res = [DetectorResult("ks_latent", 0.5, True, 0.01, 1e-6, 300)]
+    sink.observe(res, "1")
+    sink.emit(evaluate_rules(default_rules(), res, AlertState(), version="1", window=(0, 300)))
+    fams = [fam for text in (served, generate_latest(prom).decode()) for fam in text_string_to_metric_families(text)]
+    have = {s.name for fam in fams for s in fam.samples}
+    have |= {f"{fam.name}_total" for fam in fams if fam.type == "counter"}  # declared (a swap has not happened yet)
+    assert wanted and wanted <= have, sorted(wanted - have)
+    assert doc["uid"] == "vaekit-serving" and len(exprs) >= 12
