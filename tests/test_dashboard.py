@@ -135,7 +135,9 @@ def test_live_dashboard_in_headless_chromium(populated, tmp_path):
             try:
                 page = browser.new_page(viewport={"width": 1240, "height": 900})
                 failed: list[str] = []
+                urls: list[str] = []
                 page.on("requestfailed", lambda r: failed.append(r.url))
+                page.on("request", lambda r: urls.append(r.url))
                 resp = page.goto(f"http://127.0.0.1:{port}/", wait_until="load")
                 assert resp is not None and resp.status == 200
                 assert page.title() == "vaekit monitoring: mnist"
@@ -149,7 +151,8 @@ def test_live_dashboard_in_headless_chromium(populated, tmp_path):
                 rows = page.locator("#alerts tr.alert.firing")
                 assert rows.count() >= 3 and "latent_ks" in page.locator("#alerts").inner_text()
                 assert page.locator("svg.timeline rect.bar").count() >= 3
-                assert failed == []  # nothing fetched from elsewhere (no CDN)
+                # the page is self-contained: the browser fetched it and nothing else (no CDN, no font, no script)
+                assert failed == [] and urls == [f"http://127.0.0.1:{port}/"]
                 shot = tmp_path / "dashboard.png"
                 page.screenshot(path=str(shot), full_page=True)
                 assert shot.stat().st_size > 20_000
