@@ -6,7 +6,19 @@ import argparse
 import sys
 
 from vaekit import __version__
-from vaekit.cli import checkpoints, data, evaluate, fid_extractor, images, prior, registry, retrain, serve, train
+from vaekit.cli import (
+    checkpoints,
+    data,
+    evaluate,
+    fid_extractor,
+    images,
+    monitor,
+    prior,
+    registry,
+    retrain,
+    serve,
+    train,
+)
 from vaekit.errors import VaekitError
 
 
@@ -24,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     prior.add_parser(sub)
     registry.add_parser(sub)
     serve.add_parser(sub)
+    monitor.add_parser(sub)
     retrain.add_parser(sub)
     return parser
 

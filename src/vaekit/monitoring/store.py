@@ -90,6 +90,23 @@ alerts = Table(
     Index("ix_monitor_alerts_model_at", "model", "at"),
 )
 
+# what the monitor computed per iteration, (version, route) and detector: the dashboard's drift p-values over time
+results = Table(
+    "monitor_results", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("at", Float, nullable=False),  # Unix seconds: the end of the scored window
+    Column("model", String(128), nullable=False),
+    Column("version", String(64), nullable=False),
+    Column("route", String(16), nullable=False),
+    Column("detector", String(64), nullable=False),
+    Column("statistic", Float, nullable=True),
+    Column("p_value", Float, nullable=True),
+    Column("threshold", Float, nullable=True),
+    Column("drifted", Boolean, nullable=False),
+    Column("n", Integer, nullable=False),
+    Index("ix_monitor_results_model_at", "model", "at"),
+)
+
 COLUMNS = [c.name for c in records.columns if c.name != "id"]
 FIELD_NAMES = {"index": "idx"}  # RequestRecord field -> column
 
@@ -110,11 +127,17 @@ def _row(record: Any) -> dict[str, Any]:
     row.setdefault("route", "production")
     row.setdefault("idx", 0)
     row.setdefault("accepted", True)
+    for c in COLUMNS:  # every row of a batch has every column (executemany needs one key set per statement)
+        row.setdefault(c, None)
     for c in ("recon_mse", "recon_nats", "kl", "latent_norm", "pixel_mean", "pixel_var", "latency_s"):
         v = row.get(c)
         if v is not None and not math.isfinite(float(v)):
             row[c] = None  # JSON and SQL have no NaN; a non-finite figure is stored as missing
     return row
+
+
+def _finite(v: Any) -> float | None:
+    return None if v is None or not math.isfinite(float(v)) else float(v)
 
 
 class RecordStore:
@@ -170,6 +193,23 @@ class RecordStore:
             def write() -> None:
                 with self.engine.begin() as conn:
                     conn.execute(insert(alerts), rows)
+
+            run_with_retry(write)
+        return len(rows)
+
+    def append_results(self, model: str, at: float, version: str, route: str, batch: Iterable[Any]) -> int:
+        """Store the DetectorResults (or their ``to_dict()``) the monitor computed for one window ending at ``at``."""
+        rows = []
+        for r in batch:
+            doc = r.to_dict() if hasattr(r, "to_dict") else dict(r)
+            rows.append({"at": float(at), "model": model, "version": str(version), "route": str(route),
+                         "detector": doc["detector"], "statistic": _finite(doc.get("statistic")),
+                         "p_value": _finite(doc.get("p_value")), "threshold": _finite(doc.get("threshold")),
+                         "drifted": bool(doc["drifted"]), "n": int(doc.get("n") or 0)})
+        if rows:
+            def write() -> None:
+                with self.engine.begin() as conn:
+                    conn.execute(insert(results), rows)
 
             run_with_retry(write)
         return len(rows)
@@ -270,6 +310,25 @@ class RecordStore:
             for r in rs:
                 out.setdefault(r.route, []).append(dict(r._mapping))
         return out
+
+    def versions(self, model: str, start: float | None = None, end: float | None = None) -> list[tuple[str, str]]:
+        """The (version, route) pairs of ``model`` with records in [start, end), sorted."""
+        q = select(records.c.version, records.c.route).where(*self._where(model, None, None, start, end, None))
+        q = q.group_by(records.c.version, records.c.route)
+        with reader(self.engine).connect() as conn:
+            return sorted((str(v), str(r)) for v, r in conn.execute(q))
+
+    def results(self, model: str, start: float | None = None, end: float | None = None) -> list[dict[str, Any]]:
+        """The monitor's stored detector results of ``model`` with ``at`` in [start, end), oldest first."""
+        c = results.c
+        conds = [c.model == model]
+        if start is not None:
+            conds.append(c.at >= start)
+        if end is not None:
+            conds.append(c.at < end)
+        q = select(results).where(*conds).order_by(c.at, c.id)
+        with reader(self.engine).connect() as conn:
+            return [dict(r._mapping) for r in conn.execute(q)]
 
     def alert_events(self, model: str | None = None, limit: int = 1000) -> list[dict[str, Any]]:
         """Stored alert events (newest last)."""

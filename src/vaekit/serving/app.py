@@ -385,6 +385,8 @@ def create_app(services: ModelService | Sequence[ModelService], *, max_body_byte
     app.include_router(ops)
     if token:
         app.include_router(admin_router(token))
+    from vaekit.serving import dashboard  # /dashboard, only when a service writes to a record store
+    dashboard.mount(app, by_name)
     app.add_middleware(RequestMetrics, metrics=metrics_obj)
 
     @app.exception_handler(Problem)
