@@ -297,7 +297,6 @@ class ModelService:
             "shadow": self._side_source(shadow, "shadow", registry)}
         self._sides: dict[str, Deployment | None] = {"canary": None, "shadow": None}
         self._shadow_q: deque[tuple[_Payload, float]] = deque()
-        self._shadow_cv = threading.Condition()
         self._shadow_thread: threading.Thread | None = None
         self.shadow_dropped = 0
         self.shadow_errors = 0
@@ -338,8 +337,6 @@ class ModelService:
         if self._batcher is not None:
             self._batcher.close()
         if self._shadow_thread is not None:
-            with self._shadow_cv:
-                self._shadow_cv.notify_all()
             self._shadow_thread.join(10)
         if self._post is not None:
             self._post.close()
@@ -809,38 +806,37 @@ class ModelService:
 
     # -- the shadow: a copy of the request, off the request path -------------------------------------
     def _mirror(self, payload: _Payload) -> None:
-        """Queue a copy of an accepted request for the shadow; a full queue drops it (counted). A deque
-        append and, only when the shadow thread sleeps, one notify: nothing here waits on the shadow."""
+        """Queue a copy of an accepted request for the shadow; a full queue drops it (counted). One deque
+        append, no lock and no wake-up: nothing here waits on the shadow."""
         if len(self._shadow_q) >= self.shadow_queue:
             self.shadow_dropped += 1
             return
         self._shadow_q.append((payload, time.perf_counter()))
-        if self._shadow_idle:
-            with self._shadow_cv:
-                self._shadow_cv.notify()
 
-    _shadow_idle = True
+    SHADOW_INTERVAL_S = 0.02  # the shadow drains its queue this often, in batches of up to SHADOW_BATCH images
+    SHADOW_BATCH = 64
 
     def _shadow_loop(self) -> None:
-        with contextlib.suppress(AttributeError, OSError):  # yield the CPU to production (nice is per thread)
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+        # Woken by a timer, never per request: a wake-up per request and a model call per request
+        # cost production its GIL share (measured: +0.45 ms at p50 on this machine); batches of what
+        # arrived in the last 20 ms cost one model call each.
+        if os.environ.get("VAEKIT_SHADOW_NICE"):
+            with contextlib.suppress(AttributeError, OSError):
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), int(os.environ["VAEKIT_SHADOW_NICE"]))
         if self.threads:
             torch.set_num_threads(self.threads)
         while True:
-            with self._shadow_cv:
-                while not self._shadow_q and not self._stop.is_set():
-                    self._shadow_idle = True
-                    self._shadow_cv.wait(0.5)
-                self._shadow_idle = False
-                if not self._shadow_q and self._stop.is_set():
-                    return
-            batch: list[tuple[_Payload, float]] = []
-            n = 0
-            while self._shadow_q and n < self.max_batch_size:
-                item = self._shadow_q.popleft()
-                batch.append(item)
-                n += item[0].n
-            self._run_shadow(batch)
+            stopping = self._stop.wait(self.SHADOW_INTERVAL_S)
+            while self._shadow_q:
+                batch: list[tuple[_Payload, float]] = []
+                n = 0
+                while self._shadow_q and n < self.SHADOW_BATCH:
+                    item = self._shadow_q.popleft()
+                    batch.append(item)
+                    n += item[0].n
+                self._run_shadow(batch)
+            if stopping:
+                return
 
     def _run_shadow(self, batch: list[tuple[_Payload, float]]) -> None:
         dep = self._sides["shadow"]
