@@ -813,8 +813,8 @@ class ModelService:
             return
         self._shadow_q.append((payload, time.perf_counter()))
 
-    SHADOW_INTERVAL_S = 0.02  # the shadow drains its queue this often, in batches of up to SHADOW_BATCH images
-    SHADOW_BATCH = 64
+    SHADOW_INTERVAL_S = 0.02  # the shadow drains its queue this often, in calls of up to SHADOW_BATCH images
+    SHADOW_BATCH = 16
 
     def _shadow_loop(self) -> None:
         # Woken by a timer, never per request: a wake-up per request and a model call per request
@@ -828,6 +828,7 @@ class ModelService:
         while True:
             stopping = self._stop.wait(self.SHADOW_INTERVAL_S)
             while self._shadow_q:
+                self._wait_for_idle_production()
                 batch: list[tuple[_Payload, float]] = []
                 n = 0
                 while self._shadow_q and n < self.SHADOW_BATCH:
@@ -837,6 +838,15 @@ class ModelService:
                 self._run_shadow(batch)
             if stopping:
                 return
+
+    def _wait_for_idle_production(self, max_wait_s: float = 0.05) -> None:
+        """Start a shadow call only while production has no batch running and none queued (the two
+        share the GIL and, on a small machine, the cores); after ``max_wait_s`` go anyway, so a
+        saturated service still feeds its shadow (or drops, counted, when the queue fills)."""
+        b = self._batcher
+        deadline = time.perf_counter() + max_wait_s
+        while b is not None and (b._running or b.depth) and time.perf_counter() < deadline:
+            time.sleep(0.0005)
 
     def _run_shadow(self, batch: list[tuple[_Payload, float]]) -> None:
         dep = self._sides["shadow"]
