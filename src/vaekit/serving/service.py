@@ -317,8 +317,7 @@ class ModelService:
         if self.threads is not None:
             torch.set_num_threads(self.threads)
         self._current = self._load()
-        for route in self._sides:
-            self._reload_side(route)
+        self._reload_sides()  # a canary / shadow that fails to load is logged; production serves regardless
         self._post = RecordDispatcher(self.sink if self.sink is not None else _NullSink(), max_queue=self.record_queue,
                                       interval_s=self.record_interval_s)
         if self._side_sources["shadow"] is not None:
@@ -846,7 +845,7 @@ class ModelService:
         b = self._batcher
         deadline = time.perf_counter() + max_wait_s
         while b is not None and (b._running or b.depth) and time.perf_counter() < deadline:
-            time.sleep(0.0005)
+            time.sleep(0.002)  # a coarse poll: each wake-up takes the GIL from production
 
     def _run_shadow(self, batch: list[tuple[_Payload, float]]) -> None:
         dep = self._sides["shadow"]
