@@ -181,3 +181,18 @@ def test_no_canary_or_shadow_for_a_folder_or_a_pinned_version(registry, tmp_path
     with ModelService("mnist/1", registry=registry) as svc:
         assert svc.canary is None and svc.describe()["routing"]["canary_source"] is None
     assert np.isfinite(svc.describe()["routing"]["canary_share"])
+
+
+def test_the_shadow_share_mirrors_exactly_the_requests_the_policy_picks(registry):
+    registry.set_alias("mnist", "shadow", 3, reason="shadow 3")
+    policy = RoutingPolicy(shadow_share=0.3)
+    ids = [f"m{i}" for i in range(200)]
+    with ModelService("mnist@production", registry=registry, routing=policy, canary=False) as svc:
+        for rid in ids:
+            svc.score(images(1), request_id=rid)
+        deadline = time.monotonic() + 20
+        want = sum(policy.mirror(rid) for rid in ids)
+        while svc.shadow_served < want and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert svc.shadow_served == want and svc.shadow_dropped == 0
+    assert abs(want - 60) <= 4 * math.sqrt(200 * 0.3 * 0.7)
