@@ -3,6 +3,7 @@ model's own forward time (the floor).
 
     python bench/serve.py                       # MLP 784-400-20 VAE and the conv VAE, ~2.5 minutes
     python bench/serve.py --duration 2 --models mlp --concurrency 1,8   # a quick look
+    python bench/serve.py --shadow             # production p99 with a shadow on vs off, same run
 
 For each model it starts, one after another, three servers in their own processes (uvicorn, one
 worker, torch on 1 thread): the vaekit app with micro-batching (max_batch_size 16, max_wait_ms 2),
@@ -13,6 +14,12 @@ for ``--duration`` seconds per cell and records every request's latency. Bodies 
 as ``.npy`` bytes (the same bytes for every server). The floor is ``model.inspect`` (what /score
 runs) and ``model.encode`` at batch 1 in this process, 1 thread. Weights are random (latency does
 not depend on them). Writes bench/results/serve.json; prints a table.
+
+``--shadow``: the MLP model served by the vaekit app with no shadow (``vaekit``) and with a shadow
+(``vaekit-shadow``: a second MLP of the same size gets a copy of every request, ``shadow_share`` 1,
+on the service's background shadow thread), the two servers measured in alternating cells
+(``--rounds`` each, so a change in the machine's load hits both) at each concurrency; the added p99
+is the median over rounds of (p99 with shadow - p99 without). Writes bench/results/serve_shadow.json.
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ from fastapi.responses import Response
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "serve.json"
+SHADOW_RESULTS = ROOT / "bench" / "results" / "serve_shadow.json"
 MODELS = {
     "mlp": {"latent_dim": 20, "hidden_sizes": [400]},  # 784-400-20
     "conv": {"latent_dim": 20, "architecture": "conv", "conv_channels": [32, 64], "hidden_sizes": [256]},
@@ -76,10 +84,11 @@ def run_server(kind: str, model_dir: str, port: int) -> None:
     if kind == "bare":
         app = bare_app(model_dir)
     else:
-        from vaekit.serving import ModelService, create_app
+        from vaekit.serving import FolderSource, ModelService, create_app
 
+        shadow = FolderSource(model_dir + "-shadow", name="m") if kind == "vaekit-shadow" else False
         svc = ModelService(model_dir, name="m", device="cpu", threads=1,
-                           max_batch_size=16 if kind == "vaekit" else 1, max_wait_ms=2.0)
+                           max_batch_size=1 if kind == "vaekit-nobatch" else 16, max_wait_ms=2.0, shadow=shadow)
         svc.start()
         app = create_app(svc)
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
@@ -186,7 +195,9 @@ def main() -> int:
     ap.add_argument("--duration", type=float, default=5.0, help="seconds measured per cell")
     ap.add_argument("--warmup", type=float, default=1.0, help="seconds of unmeasured load before each cell")
     ap.add_argument("--servers", default=",".join(SERVERS))
-    ap.add_argument("--out", default=str(RESULTS))
+    ap.add_argument("--out", help="results file (default bench/results/serve.json, or serve_shadow.json)")
+    ap.add_argument("--shadow", action="store_true", help="measure the shadow's cost on production latency")
+    ap.add_argument("--rounds", type=int, default=3, help="--shadow: alternating cells per server")
     ap.add_argument("--server", help=argparse.SUPPRESS)
     ap.add_argument("--load", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--model-dir", help=argparse.SUPPRESS)
@@ -204,6 +215,9 @@ def main() -> int:
 
     from vaekit.models import VAEConfig, build_model
 
+    if args.shadow:
+        return shadow_main(args)
+    args.out = args.out or str(RESULTS)
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""),
            "OMP_NUM_THREADS": "1"}
     levels = [int(c) for c in args.concurrency.split(",")]
@@ -249,6 +263,72 @@ def main() -> int:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(doc, indent=2) + "\n")
     print(f"wrote {args.out}")
+    return 0
+
+
+def shadow_main(args: argparse.Namespace) -> int:
+    """Production latency with and without a shadow, alternating servers cell by cell."""
+    import torch
+
+    from vaekit.models import VAEConfig, build_model
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "OMP_NUM_THREADS": "1"}
+    levels = [int(c) for c in args.concurrency.split(",")]
+    doc: dict = {"command": "python " + " ".join(sys.argv), "machine": {
+        "cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
+        "loadavg_before": os.getloadavg()},
+        "settings": {"duration_s": args.duration, "warmup_s": args.warmup, "rounds": args.rounds, "model": "mlp",
+                     "shadow": "a second MLP 784-400-20, every request mirrored", "torch_threads": 1},
+        "cells": [], "added_p99_ms": {}, "added_p50_ms": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        mdir = Path(tmp) / "mlp"
+        for seed, path in ((0, mdir), (1, Path(str(mdir) + "-shadow"))):
+            torch.manual_seed(seed)
+            build_model(VAEConfig(**MODELS["mlp"])).save(path)
+        body = Path(tmp) / "x.npy"
+        buf = io.BytesIO()
+        np.save(buf, np.random.default_rng(0).random((1, 1, 28, 28), dtype=np.float32))
+        body.write_bytes(buf.getvalue())
+        procs, ports = {}, {}
+        try:
+            for kind in ("vaekit", "vaekit-shadow"):
+                ports[kind] = free_port()
+                procs[kind] = subprocess.Popen([sys.executable, __file__, "--server", kind, "--model-dir", str(mdir),
+                                                "--port", str(ports[kind])], env=env)
+                wait_ready(ports[kind], procs[kind])
+            for c in levels:
+                for r in range(args.rounds):
+                    for kind in (("vaekit", "vaekit-shadow") if r % 2 == 0 else ("vaekit-shadow", "vaekit")):
+                        out = subprocess.run([sys.executable, __file__, "--load", "--port", str(ports[kind]),
+                                              "--body", str(body), "--concurrency", str(c), "--duration",
+                                              str(args.duration), "--warmup", str(args.warmup)], env=env,
+                                             capture_output=True, text=True,
+                                             timeout=args.duration + args.warmup + 60, check=True)
+                        cell = {"server": kind, "round": r, **json.loads(out.stdout.strip().splitlines()[-1])}
+                        doc["cells"].append(cell)
+                        print(f"c={c:<3d} round {r} {kind:14s} p50={cell['p50_ms']:.3f} p99={cell['p99_ms']:.3f} "
+                              f"req/s={cell['throughput_rps']} errors={cell['errors']}", flush=True)
+        finally:
+            for p in procs.values():
+                p.terminate()
+                p.wait(10)
+    for c in levels:
+        for q in ("p99", "p50"):
+            diffs = []
+            for r in range(args.rounds):
+                on, off = ([x for x in doc["cells"] if x["concurrency"] == c and x["round"] == r
+                            and x["server"] == kind][0] for kind in ("vaekit-shadow", "vaekit"))
+                diffs.append(round(on[f"{q}_ms"] - off[f"{q}_ms"], 3))
+            doc[f"added_{q}_ms"][str(c)] = {"per_round": diffs, "median": statistics.median(diffs)}
+    doc["machine"]["loadavg_after"] = os.getloadavg()
+    print("\nadded by the shadow (ms, median over rounds):",
+          json.dumps({c: v["median"] for c, v in doc["added_p99_ms"].items()}), "p99;",
+          json.dumps({c: v["median"] for c, v in doc["added_p50_ms"].items()}), "p50")
+    out_path = Path(args.out or SHADOW_RESULTS)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text(json.dumps(doc, indent=2) + "\n")
+    print(f"wrote {out_path}")
     return 0
 
 

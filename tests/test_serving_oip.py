@@ -110,16 +110,19 @@ def test_the_documented_example_request_gets_the_protocol_error_object(served):
     assert r.status_code == 400
     # "$inference_error_response": { "error": <error message string> }
     assert isinstance(r.json()["error"], str) and r.json()["error"]
+    pixels = images(1).ravel().tolist()
     cases = [
         ({"inputs": [{"name": "x", "shape": [2, 2], "datatype": "UINT32", "data": [1, 2, 3, 4]}]}, 400, "datatype"),
         ({"inputs": [{"name": "x", "shape": [1, 1, 28, 28], "datatype": "FP32", "data": [0.5] * 10}]}, 400, "shape"),
         ({"inputs": [{"name": "x", "shape": [1, 1, 28, 27], "datatype": "FP32", "data": [0.5] * 756}]}, 422, "shape"),
         ({"inputs": [{"name": "x", "shape": [1, 1, 28, 28], "datatype": "FP32", "data": [2.0] * 784}]}, 422, "[0, 1]"),
         ({"inputs": [{"name": "x", "shape": [1, 1, 28, 28], "datatype": "FP32", "data": ["a"] * 784}]}, 400, "numbers"),
-        ({"inputs": [{"name": "x", "shape": [1, 1, 28, 28], "datatype": "FP32", "data": [0.5] * 784}],
+        ({"inputs": [{"name": "x", "shape": [1, 1, 28, 28], "datatype": "FP32", "data": pixels}],
           "outputs": [{"name": "nope"}]}, 400, "unknown outputs"),
-        ({"inputs": [{"name": "x", "shape": [1, 1, 28, 28], "datatype": "FP32", "data": [0.5] * 784}],
-          "outputs": [{"name": "codes"}]}, 400, "does not apply"),
+        ({"inputs": [{"name": "x", "shape": [1, 1, 28, 28], "datatype": "FP32", "data": pixels}],
+          "outputs": [{"name": "codes"}]}, 400, "does not apply"),  # a constant image would meet the gate first
+        ({"inputs": [{"name": "x", "shape": [1, 1, 28, 28], "datatype": "FP32", "data": [0.5] * 784}]}, 422,
+         "data-quality gate"),
         ({"inputs": []}, 422, "inputs"),
         ({"inputs": [{"name": "x", "shape": [1], "datatype": "FP32"}]}, 422, "data"),
     ]

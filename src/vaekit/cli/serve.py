@@ -36,6 +36,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--poll-interval", type=float, help="seconds between checks for a new version (default: off; "
                    "10 for a registry alias)")
     p.add_argument("--records", help="append a JSON line per served image to this file")
+    p.add_argument("--store", nargs="?", const="sqlite:///monitoring/records.db", default=None, metavar="URI",
+                   help="write every request record to the monitoring store at URI (sqlite:///PATH or "
+                   "postgresql://...; without a value: sqlite:///monitoring/records.db, beside the default registry)")
+    p.add_argument("--no-gate", action="store_true", help="turn the data-quality gate off")
+    p.add_argument("--min-variance", type=float, default=0.01, help="the gate's pixel-variance floor (default 0.01)")
+    p.add_argument("--hist-threshold", type=float, help="the gate's histogram distance limit (default: the "
+                   "profile's calibrated one, else 0.9)")
+    p.add_argument("--canary-share", type=float, default=0.05, help="share of request keys the canary serves "
+                   "while NAME@canary is set (default 0.05)")
+    p.add_argument("--shadow-share", type=float, default=1.0, help="share of requests mirrored to NAME@shadow "
+                   "while it is set (default 1)")
     p.add_argument("--access-log", action="store_true", help="log every request (off: it costs latency)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=run)
@@ -60,7 +71,10 @@ def run(args: argparse.Namespace) -> int:
     cfg = {"reference": ref, "name": name, "device": args.device, "max_batch_size": args.max_batch_size,
            "max_wait_ms": args.max_wait_ms, "latent_norm_limit": args.latent_norm_limit,
            "max_images": args.max_images, "poll_interval_s": args.poll_interval, "threads": args.threads,
-           "max_body_bytes": args.max_body_bytes, "records": args.records, "registry": args.registry}
+           "max_body_bytes": args.max_body_bytes, "records": args.records, "registry": args.registry,
+           "store": args.store, "gate": not args.no_gate, "min_variance": args.min_variance,
+           "hist_threshold": args.hist_threshold, "canary_share": args.canary_share,
+           "shadow_share": args.shadow_share}
     common = dict(host=args.host, port=args.port, log_level=args.log_level, access_log=args.access_log)
     from vaekit.serving.sources import RegistrySource, resolve_source
 
@@ -71,17 +85,23 @@ def run(args: argparse.Namespace) -> int:
         os.environ["VAEKIT_SERVE_CONFIG"] = json.dumps(cfg)
         uvicorn.run("vaekit.serving.app:app_from_env", factory=True, workers=args.workers, **common)
         return 0
-    from vaekit.serving.app import create_app
+    from vaekit.serving.app import _routing, create_app
     from vaekit.serving.records import JsonlSink
     from vaekit.serving.service import ModelService
 
     service = ModelService(source, device=args.device, max_batch_size=args.max_batch_size,
                            max_wait_ms=args.max_wait_ms, latent_norm_limit=args.latent_norm_limit,
                            max_images=args.max_images, poll_interval_s=cfg["poll_interval_s"], threads=args.threads,
-                           sink=JsonlSink(args.records) if args.records else None)
+                           sink=JsonlSink(args.records) if args.records else None, store=args.store,
+                           gate=not args.no_gate, min_variance=args.min_variance,
+                           hist_threshold=args.hist_threshold, routing=_routing(cfg))
+    # uvicorn turns SIGTERM / SIGINT into a graceful shutdown: it stops accepting, lets requests in
+    # flight finish, then the app's lifespan closes the service, which writes every queued record
     service.start()  # load and warm up before binding: a bad model fails here with its error
     info = service.describe()
     print(f"vaekit serve: {info['name']} version {info['version']} ({info['family']}) on {info['device']}, "
           f"http://{args.host}:{args.port}", flush=True)
+    if args.store:
+        print(f"vaekit serve: request records -> {args.store}", flush=True)
     uvicorn.run(create_app(service, max_body_bytes=args.max_body_bytes), **common)
     return 0

@@ -36,6 +36,12 @@ import torch
 from vaekit.errors import InputError, NotFittedError, describe
 
 HIST_BINS = 32  # the reference profile's intensity histogram: 32 equal bins over [0, 1]
+# The threshold used when a reference carries a histogram but no calibrated threshold (a registry
+# profile stores ``intensity_hist`` but not the held-out distances): the widest calibrated threshold
+# measured (Fashion-MNIST, 0.877; docs/monitoring.md) rounded up, so an uncalibrated gate refuses only
+# images whose intensity distribution is grossly unlike the reference's, never a good one of any
+# dataset measured. Calibrate (QualityGate.fit) for a tighter gate.
+DEFAULT_HIST_THRESHOLD = 0.9
 REASONS = ("shape", "non_finite", "range", "low_variance", "histogram")
 
 

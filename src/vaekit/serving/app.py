@@ -33,6 +33,7 @@ from vaekit.serving import codecs, oip, schemas
 from vaekit.serving.codecs import Problem
 from vaekit.serving.deps import (
     ServingState,
+    client_key,
     content_type,
     get_service,
     json_response,
@@ -43,7 +44,7 @@ from vaekit.serving.deps import (
     state,
 )
 from vaekit.serving.metrics import Metrics
-from vaekit.serving.service import ModelService, Result
+from vaekit.serving.service import GateRejectedError, ModelService, Result
 
 log = logging.getLogger("vaekit.serving")
 DEFAULT_MAX_BODY = 8 * 1024 * 1024
@@ -123,7 +124,8 @@ async def images_call(request: Request, name: str, endpoint: str) -> Response:
         # Let the other ready requests of this loop turn reach this point; if none did, this one is
         # alone and runs inline (no thread hand-off), else it joins a micro-batch on the worker.
         await asyncio.sleep(0)
-        fut = svc.submit(endpoint, request_id=request_id(request), alone=st.in_flight == 1, **kwargs)
+        fut = svc.submit(endpoint, request_id=request_id(request), alone=st.in_flight == 1,
+                         client_key=client_key(request), **kwargs)
         result = fut.result() if fut.done() else await asyncio.wrap_future(fut)
     finally:
         st.in_flight -= 1
@@ -175,13 +177,13 @@ def _unsupported(ctype: str, allowed: str) -> Problem:
 
 def render(request: Request, svc: ModelService, r: Result) -> Response:
     """The response body of ``r``: PNG when asked for and the endpoint returns images, else JSON."""
-    headers = {"X-Model-Version": r.version, "X-Request-Id": r.request_id}
+    headers = {"X-Model-Version": r.version, "X-Request-Id": r.request_id, "X-Model-Route": r.route}
     images = r.outputs.get("reconstruction", r.outputs.get("images"))
     if images is not None and codecs.wants_png(request.headers.get("accept")):
         return Response(codecs.png_from_images(images.numpy()), media_type="image/png", headers=headers)
     if r.endpoint in ("generate", "decode"):
-        doc: dict[str, Any] = {"model": r.model, "version": r.version, "request_id": r.request_id,
-                               "images": images.tolist()}
+        doc: dict[str, Any] = {"model": r.model, "version": r.version, "route": r.route,
+                               "request_id": r.request_id, "images": images.tolist()}
         if r.endpoint == "generate":
             doc["seed"] = r.seed
         elif r.stats is not None and r.stats.latent_norm is not None:
@@ -204,7 +206,7 @@ def render(request: Request, svc: ModelService, r: Result) -> Response:
         else:
             for k, v in lists.items():
                 item[k] = v[i]
-    return json_response({"model": r.model, "version": r.version, "request_id": r.request_id,
+    return json_response({"model": r.model, "version": r.version, "route": r.route, "request_id": r.request_id,
                           "profile": profile, "results": results}, headers=headers)
 
 
@@ -398,7 +400,13 @@ def create_app(services: ModelService | Sequence[ModelService], *, max_body_byte
 
     @app.exception_handler(InputError)
     async def on_input_error(request: Request, exc: InputError) -> Response:
-        p = Problem(422, "Invalid input", str(exc), _field_of(str(exc)), None, None)
+        if isinstance(exc, GateRejectedError):  # the gate's verdict per image, so a client can drop the bad ones
+            bad = sorted({r for r in exc.reasons if r is not None})
+            p = Problem(422, "Rejected by the data-quality gate", str(exc), "x", None,
+                        "images that pass the gate (docs/monitoring.md)",
+                        extra={"reason": bad[0] if len(bad) == 1 else ",".join(bad), "reasons": exc.reasons})
+        else:
+            p = Problem(422, "Invalid input", str(exc), _field_of(str(exc)), None, None)
         return await on_problem(request, p)
 
     @app.exception_handler(RequestValidationError)
@@ -442,8 +450,16 @@ def app_from_env() -> FastAPI:
                        max_batch_size=cfg.get("max_batch_size", 16), max_wait_ms=cfg.get("max_wait_ms", 2.0),
                        latent_norm_limit=cfg.get("latent_norm_limit", 5.0), max_images=cfg.get("max_images", 256),
                        poll_interval_s=cfg.get("poll_interval_s"), threads=cfg.get("threads"),
-                       sink=_sink(cfg.get("records")))
+                       sink=_sink(cfg.get("records")), store=cfg.get("store"), gate=cfg.get("gate", True),
+                       min_variance=cfg.get("min_variance", 0.01), hist_threshold=cfg.get("hist_threshold"),
+                       routing=_routing(cfg))
     return create_app(svc, max_body_bytes=cfg.get("max_body_bytes", DEFAULT_MAX_BODY))
+
+
+def _routing(cfg: dict[str, Any]):
+    from vaekit.deploy.routing import RoutingPolicy
+
+    return RoutingPolicy(canary_share=cfg.get("canary_share", 0.05), shadow_share=cfg.get("shadow_share", 1.0))
 
 
 def _sink(path: str | None):

@@ -29,10 +29,12 @@ class Problem(Exception):  # noqa: N818 - an RFC 9457 "problem", raised to answe
     known, the ``field`` at fault, the value ``received`` and what is ``allowed``."""
 
     def __init__(self, status: int, title: str, detail: str, field: str | None = None, received: Any = None,
-                 allowed: str | None = None, headers: dict[str, str] | None = None):
+                 allowed: str | None = None, headers: dict[str, str] | None = None,
+                 extra: dict[str, Any] | None = None):
         super().__init__(detail)
         self.status, self.title, self.detail = status, title, detail
         self.field, self.received, self.allowed, self.headers = field, received, allowed, headers or {}
+        self.extra = extra or {}  # further members of the problem body (RFC 9457 extensions)
 
     def body(self) -> dict[str, Any]:
         out: dict[str, Any] = {"type": "about:blank", "title": self.title, "status": self.status,
@@ -43,6 +45,7 @@ class Problem(Exception):  # noqa: N818 - an RFC 9457 "problem", raised to answe
             out["received"] = _jsonable(self.received)
         if self.allowed is not None:
             out["allowed"] = self.allowed
+        out.update(self.extra)
         return out
 
 

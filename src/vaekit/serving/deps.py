@@ -57,6 +57,12 @@ def request_id(request: Request) -> str | None:
     return rid if rid and REQUEST_ID_RE.match(rid) else None
 
 
+def client_key(request: Request) -> str | None:
+    """The ``X-Client-Key`` header (routes one client to one version while a canary is set), when sane."""
+    key = request.headers.get("x-client-key")
+    return key if key and len(key) <= 256 else None
+
+
 async def read_body(request: Request) -> bytes:
     """The request body, refused with 413 as soon as it exceeds the app's limit (by its
     Content-Length when sent, else while it streams in)."""

@@ -10,7 +10,8 @@ Names (Prometheus conventions: base units, ``_total`` counters):
   ``vaekit_kl_nats{model,version}``, ``vaekit_latent_norm{model,version}``: per served image.
 * ``vaekit_batch_size{model}``: images per model call; ``vaekit_queue_depth{model}``: jobs waiting.
 * ``vaekit_model_swaps_total{model}``, ``vaekit_model_info{model,version}`` (1 for the serving version),
-  ``vaekit_records_dropped_total{model}``.
+  ``vaekit_records_dropped_total{model}`` (record queue overflow), ``vaekit_records_written_total{model}``,
+  ``vaekit_shadow_dropped_total{model}``, ``vaekit_shadow_errors_total{model}``.
 """
 
 from __future__ import annotations
@@ -58,6 +59,12 @@ class Metrics:
         self.info = Gauge("vaekit_model_info", "1 for the version being served", ("model", "version"), registry=r)
         self.dropped = Gauge("vaekit_records_dropped_total", "request records dropped (sink queue full)",
                              ("model",), registry=r)
+        self.records_written = Gauge("vaekit_records_written_total", "request records handed to the sink",
+                                     ("model",), registry=r)
+        self.shadow_dropped = Gauge("vaekit_shadow_dropped_total", "requests not mirrored to the shadow "
+                                    "(its queue was full, or incompatible)", ("model",), registry=r)
+        self.shadow_errors = Gauge("vaekit_shadow_errors_total", "mirrored requests the shadow failed on",
+                                   ("model",), registry=r)
         self._watched: set[int] = set()
 
     def watch(self, service: Any) -> None:
@@ -69,6 +76,9 @@ class Metrics:
         name = service.name
         self.queue_depth.labels(name).set_function(lambda: service.queue_depth)
         self.dropped.labels(name).set_function(lambda: service.records_dropped)
+        self.records_written.labels(name).set_function(lambda: service.records_written)
+        self.shadow_dropped.labels(name).set_function(lambda: service.shadow_dropped)
+        self.shadow_errors.labels(name).set_function(lambda: service.shadow_errors)
         self.info.labels(name, service.version).set(1)
         service.observers.append(self.observe_batch)
 

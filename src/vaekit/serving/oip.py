@@ -222,7 +222,8 @@ async def infer(name: str, request: Request, version: str | None = None) -> Resp
                            "parameters": {"profile_available": result.profile_available}}
     if req.id is not None:
         doc["id"] = req.id
-    return json_response(doc, headers={"X-Model-Version": result.version, "X-Request-Id": result.request_id})
+    return json_response(doc, headers={"X-Model-Version": result.version, "X-Request-Id": result.request_id,
+                                       "X-Model-Route": result.route})
 
 
 def _outputs(result: Any, wanted: list[str] | None) -> list[dict[str, Any]]:

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import threading
+import time
 from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -26,8 +27,9 @@ class RequestRecord:
     """What one served image leaves behind. Figures are those of the response (same forward pass).
 
     ``time`` is the Unix time (s) the request arrived; ``latency_s`` the service time of its
-    request (queueing + batch + split), the same for every image of a request; ``index`` the
-    image's position in its request. Stats a family or endpoint does not produce are None.
+    request (queueing + batch + split), the same for every image of a request (0 for a rejected
+    one); ``index`` the image's position in its request. Stats a family or endpoint does not
+    produce, and every model figure of a rejected image, are None.
     """
 
     time: float
@@ -36,6 +38,11 @@ class RequestRecord:
     version: str
     endpoint: str
     latency_s: float
+    route: str = "production"  # production | canary | shadow (a shadow record shares its request id)
+    accepted: bool = True  # the data-quality gate's verdict; a rejected image never reached the model
+    reason: str | None = None  # why the gate rejected it (vaekit.monitoring.gate.REASONS, or request_rejected)
+    pixel_mean: float | None = None  # the image's mean intensity (the gate computes it)
+    pixel_var: float | None = None  # its population pixel variance, squared intensity
     index: int = 0
     batch_size: int = 1  # images in the batch the model ran (after micro-batching)
     recon_mse: float | None = None  # per-pixel MSE, squared intensity
@@ -98,15 +105,47 @@ class JsonlSink:
             f.flush()
 
 
+class TeeSink:
+    """Writes every batch to each of ``sinks`` in turn (e.g. the record store and a JSON-lines file);
+    a sink that raises does not keep the batch from the others (the first error is re-raised after)."""
+
+    def __init__(self, *sinks: RecordSink):
+        self.sinks = [s for s in sinks if s is not None]
+
+    def write(self, records: list[RequestRecord]) -> None:
+        error: Exception | None = None
+        for s in self.sinks:
+            try:
+                s.write(records)
+            except Exception as exc:
+                error = error or exc
+        if error is not None:
+            raise error
+
+    def close(self) -> None:
+        for s in self.sinks:
+            close = getattr(s, "close", None)
+            if close is not None:
+                close()
+
+
 class RecordDispatcher:
     """Hands records to a sink on a daemon thread. ``submit`` never blocks and never wakes the
     thread (a deque append): the thread drains the queue every ``interval_s`` seconds, so a busy
     server pays no thread switch per request. A full queue (``max_queue`` items) drops the records
     (``dropped`` counts them) rather than slowing requests down. A sink that raises is logged and
-    counted in ``errors``; the service keeps serving."""
+    counted in ``errors``; the service keeps serving. Drops are logged (a warning at the first, then
+    at most one every ``log_every_s`` seconds with the running total), never silent.
 
-    def __init__(self, sink: RecordSink, max_queue: int = 10_000, interval_s: float = 0.05):
+    ``interval_s`` bounds what a crash (SIGKILL) loses: the records of the last ``interval_s``
+    seconds plus those of the batch being written; ``close`` writes everything queued."""
+
+    def __init__(self, sink: RecordSink, max_queue: int = 10_000, interval_s: float = 0.05,
+                 log_every_s: float = 10.0):
         self.sink, self.max_queue, self.interval_s = sink, max_queue, interval_s
+        self.log_every_s = log_every_s
+        self._last_drop_log = -float("inf")
+        self._flush_lock = threading.Lock()
         self.dropped = 0
         self.errors = 0
         self.written = 0
@@ -120,6 +159,11 @@ class RecordDispatcher:
         tensor-to-list work stays off the request path too)."""
         if len(self._items) >= self.max_queue:
             self.dropped += len(records) if isinstance(records, list) else 1
+            now = time.monotonic()
+            if now - self._last_drop_log >= self.log_every_s:
+                self._last_drop_log = now
+                log.warning("request-record queue full (%d items): %d record batches dropped so far; the sink "
+                            "%r is slower than the traffic", self.max_queue, self.dropped, self.sink)
             return
         self._items.append(records)  # atomic under the GIL: no lock, no wake-up
 
@@ -129,14 +173,22 @@ class RecordDispatcher:
         self.flush()
 
     def flush(self) -> None:
-        """Build and write everything queued so far (the thread calls it; tests may too)."""
-        batch: list[RequestRecord] = []
-        while self._items:
-            batch.extend(self._build(self._items.popleft()))
-            if len(batch) >= 4096:
-                self._write(batch)
-                batch = []
-        self._write(batch)
+        """Build and write everything queued so far (the thread calls it; tests and close may too).
+        The records of one queued item (one model batch, or one rejected request) always go into the
+        same write, so a crash never stores part of a request."""
+        with self._flush_lock:
+            batch: list[RequestRecord] = []
+            while self._items:
+                batch.extend(self._build(self._items.popleft()))
+                if len(batch) >= 4096:
+                    self._write(batch)
+                    batch = []
+            self._write(batch)
+
+    @property
+    def pending(self) -> int:
+        """Queued items not yet handed to the sink."""
+        return len(self._items)
 
     def _build(self, item: Any) -> list[RequestRecord]:
         if isinstance(item, list):
@@ -158,7 +210,11 @@ class RecordDispatcher:
             self.errors += 1
             log.exception("record sink %r failed on %d records", self.sink, len(batch))
 
-    def close(self, timeout: float = 5.0) -> None:
-        """Write what is queued, then stop the thread."""
+    def close(self, timeout: float = 60.0) -> None:
+        """Write what is queued, then stop the thread (waiting up to ``timeout`` seconds for it; what
+        is still queued after that is logged as lost)."""
         self._stop.set()
         self._thread.join(timeout)
+        if self._thread.is_alive() or self._items:
+            log.error("record dispatcher: %d queued record batches were not written within %.0f s of shutdown",
+                      len(self._items), timeout)
