@@ -25,11 +25,8 @@ def md5_bytes(data: bytes) -> str:
 
 
 def md5_file(path: Path) -> str:
-    h = hashlib.md5()
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "md5").hexdigest()
 
 
 def parse_idx(data: bytes, source: str = "<bytes>") -> np.ndarray:

@@ -138,11 +138,8 @@ def validate_images(split: ImageSplit, *, num_classes: int | None = None, min_va
 
 
 def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 # -- the pipeline -------------------------------------------------------------------------------------
