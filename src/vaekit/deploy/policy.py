@@ -138,9 +138,26 @@ def p99_ratio_bounds(prod: np.ndarray, canary: np.ndarray, confidence: float) ->
     return {"ratio": r, "lower": lc / up if up > 0 else 0.0, "upper": uc / lp if lp > 0 else math.inf}
 
 
+def _json_safe(value: Any) -> Any:
+    """``value`` with every non-finite float (an unbounded p99, say) as None, so evidence is valid JSON."""
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
 def decide(production: Window, canary: Window, policy: CanaryPolicy | None = None) -> Decision:
-    """Roll back, promote or hold the canary (see the module docstring). Pure: no I/O, seeded."""
-    policy = policy or CanaryPolicy()
+    """Roll back, promote or hold the canary (see the module docstring). Pure: no I/O, deterministic.
+    The evidence is JSON-safe (an unbounded figure is None)."""
+    d = _decide(production, canary, policy or CanaryPolicy())
+    d.evidence = _json_safe(d.evidence)
+    return d
+
+
+def _decide(production: Window, canary: Window, policy: CanaryPolicy) -> Decision:
     if not isinstance(production, Window) or not isinstance(canary, Window):
         raise InputError(f"decide takes two Window objects, got {type(production).__name__} and "
                          f"{type(canary).__name__}")

@@ -1,0 +1,261 @@
+"""The brief's incident, replayed end to end on real data with vaekit's own pieces.
+
+A VAE trained on Fashion-MNIST without one class (the "new line", ``--new-class``, default 7:
+sneakers) is registered with a reference profile and served as ``fashion@production`` with the
+data-quality gate and a record store. A traffic generator streams held-out test images; at
+request ``--drift-at`` 15% of the traffic becomes the new class and 3% all-black images (the
+corrupted JPEGs). The monitor (its own object, as ``vaekit monitor run`` would run it) scores the
+store every ``--check-every`` requests. Then an emergency retrain on the captured drift traffic
+goes through the pipeline (validation quarantines the black images, the benchmark suite gates
+the candidate on the old and the new distribution), becomes the canary at 5% of traffic, and the
+canary decision promotes it. A second candidate, deliberately degraded (noise on its decoder),
+is put in canary and rolled back by the same decision. Every alias move is in the registry's
+history with its reason.
+
+    python bench/incident.py            # about 5 minutes on 2 cores
+    python bench/incident.py --quick    # about 1.5 minutes: smaller model, fewer requests
+
+Prints the timeline, saves it as bench/results/incident.png and writes bench/results/incident.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS, print_table, write_results  # noqa: E402
+
+from vaekit.data import ImageDataset, load_dataset  # noqa: E402
+from vaekit.data.dataset import ImageSplit  # noqa: E402
+from vaekit.data.shards import write_shard  # noqa: E402
+from vaekit.deploy import CanaryPolicy, Window, apply_decision, decide, start_canary  # noqa: E402
+from vaekit.deploy.pipelines import PipelineConfig, run_pipeline  # noqa: E402
+from vaekit.deploy.suite import SuitePolicy  # noqa: E402
+from vaekit.monitoring.monitor import Monitor  # noqa: E402
+from vaekit.monitoring.store import RecordStore  # noqa: E402
+from vaekit.registry import ModelRegistry  # noqa: E402
+from vaekit.serving.service import ModelService  # noqa: E402
+from vaekit.training.config import load_run_config  # noqa: E402
+from vaekit.training.run import train  # noqa: E402
+
+
+def without(split: ImageSplit, cls: int) -> ImageSplit:
+    keep = split.labels != cls
+    return ImageSplit(split.images[keep], split.labels[keep])
+
+
+def only(split: ImageSplit, cls: int) -> ImageSplit:
+    keep = split.labels == cls
+    return ImageSplit(split.images[keep], split.labels[keep])
+
+
+class Traffic:
+    """Serves requests of one image through the service and keeps the timeline figures."""
+
+    def __init__(self, svc: ModelService, monitor: Monitor, check_every: int):
+        self.svc, self.monitor, self.check_every = svc, monitor, check_every
+        self.n = 0
+        self.rejected = 0
+        self.served: list[torch.Tensor] = []  # what the capture keeps (every image that arrived)
+        self.timeline: list[dict[str, Any]] = []
+        self.alerts: list[dict[str, Any]] = []
+        self.window_mse: list[float] = []
+        self.moves: list[dict[str, Any]] = []  # alias moves by the canary decision, at which request
+
+    def send(self, x: torch.Tensor, phase: str) -> None:
+        from vaekit.serving.service import GateRejectedError
+
+        self.n += 1
+        self.served.append((x * 255).round().to(torch.uint8))
+        try:
+            res = self.svc.score(x[None], request_id=f"r{self.n}")
+            self.window_mse.append(float(res.stats.recon_mse[0]))
+        except GateRejectedError:
+            self.rejected += 1
+        if self.n % self.check_every == 0:
+            self.check(phase)
+
+    def check(self, phase: str) -> None:
+        self.svc.flush_records()
+        it = self.monitor.run_once(time.time())
+        ks = [g.results.get("ks_latent") for g in it.groups if g.route == "production" and g.results]
+        p = ks[0].p_value if ks and ks[0] is not None else None
+        firing = sorted({e.rule for e in it.events if e.status == "firing"})
+        self.alerts += [{"request": self.n, "rule": e.rule, "status": e.status, "version": e.version}
+                        for e in it.events]
+        self.timeline.append({"request": self.n, "phase": phase, "recon_mse": float(np.mean(self.window_mse))
+                              if self.window_mse else None, "ks_p": p, "firing": firing, "rejected": self.rejected})
+        self.window_mse = []
+
+
+def stream(traffic: Traffic, pool: ImageSplit, new: ImageSplit | None, n: int, rng: np.random.Generator,
+           phase: str, new_share: float = 0.15, black_share: float = 0.03) -> None:
+    for _ in range(n):
+        u = rng.random()
+        if new is not None and u < black_share:
+            x = torch.zeros(1, 28, 28)
+        elif new is not None and u < black_share + new_share:
+            x = new.images[rng.integers(len(new))].float() / 255
+        else:
+            x = pool.images[rng.integers(len(pool))].float() / 255
+        traffic.send(x, phase)
+
+
+def canary_round(reg: ModelRegistry, store: RecordStore, svc: ModelService, traffic: Traffic, pool: ImageSplit,
+                 new: ImageSplit, chunk: int, max_requests: int, rng: np.random.Generator, policy: CanaryPolicy,
+                 phase: str):
+    """Traffic with the canary set, decided every ``chunk`` requests on the store's windows (as a monitor
+    would), until the decision is not ``hold`` or ``max_requests`` have passed; then applied through the
+    registry. Returns (decision, production requests, canary requests)."""
+    svc.reload()
+    t0 = time.time()
+    aliases = reg.aliases("fashion")
+    sent = 0
+    while True:
+        stream(traffic, pool, new, chunk, rng, phase, black_share=0.0)
+        sent += chunk
+        svc.flush_records()
+        rows = store.rows("fashion", start=t0, accepted=True)
+        prod = [r["recon_mse"] for r in rows if r["route"] == "production"
+                and r["version"] == str(aliases["production"])]
+        can = [r["recon_mse"] for r in rows if r["route"] == "canary" and r["version"] == str(aliases["canary"])]
+        d = decide(Window(np.array(prod), duration_s=time.time() - t0, version=aliases["production"]),
+                   Window(np.array(can), duration_s=time.time() - t0, version=aliases["canary"]), policy)
+        if d.action != "hold" or sent >= max_requests:
+            break
+    apply_decision(reg, "fashion", d, actor="incident-replay")
+    traffic.moves.append({"request": traffic.n, "action": d.action})
+    svc.reload()
+    return d, len(prod), len(can)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--new-class", type=int, default=7)
+    ap.add_argument("--out", default="runs/incident")
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    q = args.quick
+    normal_n, drift_n, canary_max, check_every = (1000, 1500, 16000, 250) if q else (2000, 3000, 40000, 500)
+    out = Path(args.out)
+    shutil.rmtree(out, ignore_errors=True)
+    t_start = time.perf_counter()
+    ds = load_dataset("fashion-mnist")
+    old_train, old_test = without(ds.train, args.new_class), without(ds.test, args.new_class)
+    new_test = only(ds.test, args.new_class)
+    old = ImageDataset(ds.name, old_train, old_test, ds.classes, ds.provenance + f"; without class {args.new_class}")
+    # 1. production: trained without the new line
+    cfg = load_run_config(None, ["name=prod", f"out_dir={out / 'runs'}", f"train.epochs={2 if q else 5}",
+                                 f"data.dataset={ds.name}", "model.hidden_sizes=[256]", "model.latent_dim=16",
+                                 "train.progress=false", "train.tensorboard=off", "train.checkpoint_every=0",
+                                 f"train.threads={args.threads}"] + (["data.train_subset=20000"] if q else []))
+    train(cfg, dataset=old)
+    reg = ModelRegistry(f"sqlite:///{out / 'registry' / 'registry.db'}", actor="incident@bench")
+    reg.register(cfg.run_dir, "fashion", alias="production", reason="trained without the new line",
+                 profile_images=old_test.images[:3000].float() / 255, data_fingerprint="fashion-mnist minus class")
+    store = RecordStore(f"sqlite:///{out / 'monitoring' / 'records.db'}")
+    svc = ModelService("fashion@production", registry=reg, store=store, threads=args.threads, max_wait_ms=0).start()
+    # the window: the last few seconds of traffic (a few hundred requests at this rate), as a monitor
+    # process scoring the store every check would see it
+    monitor = Monitor(store, reg, "fashion", window_s=6.0, min_requests=150)
+    traffic = Traffic(svc, monitor, check_every)
+    rng = np.random.default_rng(0)
+    pool = ImageSplit(old_test.images[3000:], old_test.labels[3000:])  # held out from the profile's images
+    # 2. normal traffic, then the drift: 15% the new line, 3% all-black images
+    stream(traffic, pool, None, normal_n, rng, "normal")
+    drift_at = traffic.n
+    mark = len(traffic.served)
+    stream(traffic, pool, new_test, drift_n, rng, "drift")
+    first_alert = next((a for a in traffic.alerts if a["request"] > drift_at and a["status"] == "firing"), None)
+    # 3. emergency retrain on the captured drift traffic (black images are quarantined by validation)
+    captured = torch.stack(traffic.served[mark:])  # (n, 1, 28, 28) uint8 in arrival order
+    shard = write_shard(out / "capture" / "shard-000000.npz", captured)
+    suite = SuitePolicy(parts=("elbo", "recon"), examples=2000, tolerance=0.02, new_tolerance=0.0)
+    pipe = PipelineConfig(kind="emergency", name="fashion", data=str(shard), out=str(out / "pipelines"),
+                          registry=reg.uri, epochs=3 if q else 5, suite=suite,
+                          overrides=(f"train.threads={args.threads}",))
+    state = run_pipeline(pipe, reg, log=lambda line: print("  pipeline", line, flush=True))
+    # 4. the candidate at 5% of traffic (with the new line at 15%), then the canary decision
+    policy = CanaryPolicy(min_requests=100, min_duration_s=0)
+    promoted, n_prod, n_can = canary_round(reg, store, svc, traffic, pool, new_test, 1000, canary_max, rng, policy,
+                                           "canary")
+    # 5. a deliberately degraded candidate: noise on the decoder of the new production model
+    bad = reg.load("fashion@production")
+    with torch.no_grad():
+        for p in bad.decoder.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    bad.save(out / "degraded")
+    ver = reg.register(out / "degraded", "fashion", parent="fashion@production", profile=False,
+                       description="deliberately degraded (decoder noise) to show the rollback")
+    start_canary(reg, "fashion", ver.version, "a degraded candidate, to show the rollback")
+    rolled, _, _ = canary_round(reg, store, svc, traffic, pool, new_test, 1000, canary_max, rng, policy,
+                                "degraded canary")
+    svc.close()
+    history = [e.to_dict() for e in reg.history("fashion")]
+    result = {"quick": q, "new_class": args.new_class, "requests": traffic.n, "drift_at": drift_at,
+              "gate_rejected": traffic.rejected,
+              "first_alert_after_drift": first_alert, "alerts": traffic.alerts,
+              "pipeline": {k: v.get("summary") for k, v in state["steps"].items()},
+              "gate": state["steps"]["gate"]["comparisons"],
+              "promotion": {"action": promoted.action, "reasons": promoted.reasons, "production_n": n_prod,
+                            "canary_n": n_can, "evidence": promoted.evidence},
+              "rollback": {"action": rolled.action, "reasons": rolled.reasons},
+              "alias_history": history, "timeline": traffic.timeline,
+              "seconds": round(time.perf_counter() - t_start, 1)}
+    print_table(["request", "phase", "recon MSE", "KS p", "firing", "rejected"],
+                [[t["request"], t["phase"], t["recon_mse"] if t["recon_mse"] is not None else "-",
+                  t["ks_p"] if t["ks_p"] is not None else "-", ",".join(t["firing"]) or "-", t["rejected"]]
+                 for t in traffic.timeline])
+    print(f"drift at request {drift_at}; first alert {first_alert}; gate rejected {traffic.rejected}")
+    print(f"canary decision: {promoted.action} ({'; '.join(promoted.reasons)})")
+    print(f"degraded canary: {rolled.action} ({'; '.join(rolled.reasons)})")
+    for e in history:
+        print(f"  alias {e['alias']}: {e['from_version']} -> {e['to_version']} by {e['actor']}: {e['reason'][:100]}")
+    result["moves"] = traffic.moves
+    plot(traffic.timeline, traffic.alerts, traffic.moves, drift_at, RESULTS / "incident.png")
+    write_results("incident", result)
+    assert promoted.action == "promote" and rolled.action == "rollback", (promoted.action, rolled.action)
+
+
+def plot(timeline, alerts, moves, drift_at, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x = [t["request"] for t in timeline]
+    fig, (a1, a2) = plt.subplots(2, 1, figsize=(9, 5), sharex=True, dpi=110)
+    a1.plot(x, [t["recon_mse"] for t in timeline], marker="o", label="mean recon MSE (accepted requests)")
+    a1.axvline(drift_at, color="red", ls="--", label="drift starts (15% new line, 3% black)")
+    for m in moves:
+        for a in (a1, a2):
+            a.axvline(m["request"], color="green" if m["action"] == "promote" else "purple", lw=2)
+        a1.annotate(f"canary {m['action']}", (m["request"], a1.get_ylim()[1]), fontsize=8, ha="right", va="top")
+    a1.legend(fontsize=8)
+    a2.semilogy(x, [max(t["ks_p"], 1e-300) if t["ks_p"] is not None else np.nan for t in timeline], marker="o",
+                label="latent KS p-value (production)")
+    a2.axhline(0.01, color="grey", ls=":", label="alpha 0.01")
+    for a in alerts:
+        if a["status"] == "firing":
+            a2.axvline(a["request"], color="orange", alpha=0.3)
+    a2.set_xlabel("requests")
+    a2.legend(fontsize=8)
+    fig.suptitle("incident replay: alerts (orange), emergency retrain, canary promoted, degraded canary rolled back",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
