@@ -131,7 +131,8 @@ def evaluate_rules(rules: Sequence[Rule], results: Mapping[str, DetectorResult] 
             status, since = "resolved", active.since
         else:
             continue
-        what = f"p = {res.p_value:.3g} < {res.threshold}" if res.p_value is not None else \
+        cmp = "<" if status == "firing" else ">="  # a resolved alert's p-value is back at or above alpha
+        what = f"p = {res.p_value:.3g} {cmp} {res.threshold}" if res.p_value is not None else \
             f"statistic {res.statistic:.4g} vs {res.threshold}"
         verb = "drift detected" if status == "firing" else "back within bounds"
         events.append(Alert(rule.name, status, rule.detector, version, float(res.statistic), res.threshold,
