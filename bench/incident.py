@@ -21,6 +21,7 @@ Prints the timeline, saves it as bench/results/incident.png and writes bench/res
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import sys
 import time
@@ -143,6 +144,7 @@ def main() -> None:
     ap.add_argument("--new-class", type=int, default=7)
     ap.add_argument("--out", default="runs/incident")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--results", help="folder for incident.json and incident.png (default: bench/results)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     q = args.quick
@@ -222,8 +224,16 @@ def main() -> None:
     for e in history:
         print(f"  alias {e['alias']}: {e['from_version']} -> {e['to_version']} by {e['actor']}: {e['reason'][:100]}")
     result["moves"] = traffic.moves
-    plot(traffic.timeline, traffic.alerts, traffic.moves, drift_at, RESULTS / "incident.png")
-    write_results("incident", result)
+    where = Path(args.results) if args.results else RESULTS
+    where.mkdir(parents=True, exist_ok=True)
+    plot(traffic.timeline, traffic.alerts, traffic.moves, drift_at, where / "incident.png")
+    if args.results:
+        (where / "incident.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+    else:
+        write_results("incident", result)
+    print(f"timeline: {where / 'incident.png'}; records: {out / 'monitoring' / 'records.db'}; dashboard: "
+          f"vaekit monitor dashboard --store sqlite:///{out / 'monitoring' / 'records.db'} --model fashion "
+          f"--registry sqlite:///{out / 'registry' / 'registry.db'}")
     assert promoted.action == "promote" and rolled.action == "rollback", (promoted.action, rolled.action)
 
 
