@@ -252,6 +252,9 @@ class AAE(BaseModel):
         ``y`` is ignored (a label-guided AAE uses labels in its training terms only)."""
         return self._encode(self.check_input(x))
 
+    def _posterior_of_checked(self, x: torch.Tensor, y: Any) -> PointMass | DiagonalGaussian:
+        return self._encode(x)
+
     def _encode(self, x: torch.Tensor) -> PointMass | DiagonalGaussian:
         h = self.encoder(x)
         if self.config.encoder == "gaussian":

@@ -172,7 +172,7 @@ class BaseModel(nn.Module, ABC):
         posterior mean (not the ELBO's sampled term), so the figures are deterministic.
         """
         x = self.check_input(x)
-        posterior = self.encode(x, y)
+        posterior = self._posterior_of_checked(x, y)
         mean = posterior.mean  # (B, D)
         lik = self._decode_at(mean, y)
         recon = lik.mean
@@ -182,6 +182,10 @@ class BaseModel(nn.Module, ABC):
             reconstruction=recon, recon_nats=-lik.log_prob(x), recon_mse=(x - recon).pow(2).flatten(1).mean(1),
             latent_norm=mean.norm(dim=1), latent=mean, logvar=posterior.logvar if gaussian else None, kl=kl,
         )
+
+    def _posterior_of_checked(self, x: torch.Tensor, y: Any) -> Any:
+        """``encode(x, y)`` for an x that already passed :meth:`check_input` (families skip the second check)."""
+        return self.encode(x, y)
 
     def _decode_at(self, z: torch.Tensor, y: Any) -> Any:
         """The likelihood used for reconstructions at ``z`` (a family with stochastic decoding fixes its seed)."""

@@ -188,6 +188,9 @@ class PixelVAE(BaseModel):
         """q(z|x) for x (B, 1, H, W): a DiagonalGaussian with mean and logvar (B, D). ``y`` is ignored."""
         return self._encode(self.check_input(x))
 
+    def _posterior_of_checked(self, x: torch.Tensor, y: Any) -> DiagonalGaussian:
+        return self._encode(x)
+
     def _encode(self, x: torch.Tensor) -> DiagonalGaussian:
         h = self.encoder(x)
         return DiagonalGaussian(self.to_mean(h), self.to_logvar(h))

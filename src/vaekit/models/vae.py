@@ -164,6 +164,9 @@ class VAE(BaseModel):
         z = self.check_latent(z)
         return self._decode(z, self._condition(y, z.shape[-2]))
 
+    def _posterior_of_checked(self, x: torch.Tensor, y: Any) -> DiagonalGaussian:
+        return self._encode(x, self._condition(y, x.shape[0]))
+
     def _condition(self, y: Any, batch: int) -> torch.Tensor | None:
         """The condition vectors (B, cond_size) the networks see, or None for an unconditional family."""
         return None
