@@ -18,7 +18,7 @@ import errno
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -54,10 +54,13 @@ def storage_error(exc: OSError, path: str | os.PathLike, what: str = "write") ->
     return StorageError(msg, exc.errno, str(path))
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes, what: str = "write") -> None:
+def atomic_write_bytes(path: str | os.PathLike, data: bytes | Sequence[bytes | memoryview],
+                       what: str = "write") -> None:
     """Write ``data`` to ``path`` through a temporary file and a rename, so readers never see half a file.
 
-    ``what`` names the file in an error ("write checkpoint"). Raises StorageError on an OS failure."""
+    ``data`` is the content, or its parts in order (written one after the other, so a large
+    payload need not be copied into one buffer first). ``what`` names the file in an error
+    ("write checkpoint"). Raises StorageError on an OS failure."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -66,7 +69,8 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes, what: str = "write"
         raise storage_error(exc, path, what) from exc
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            for part in (data,) if isinstance(data, bytes | bytearray | memoryview) else data:
+                f.write(part)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)  # mkstemp creates 0600; cached data should be readable like any file

@@ -52,12 +52,18 @@ def list_checkpoints(directory: str | os.PathLike) -> list[tuple[int, Path]]:
 
 def encode_checkpoint(payload: dict[str, Any]) -> bytes:
     """The bytes of a version-2 checkpoint file holding ``payload`` (header line + torch.save bytes)."""
+    return b"".join(_checkpoint_parts(payload))
+
+
+def _checkpoint_parts(payload: dict[str, Any]) -> tuple[bytes, memoryview]:
+    """(header line with its newline, torch.save bytes): the file's two parts, the payload not copied
+    (a checkpoint is several times the model's size; each copy costs milliseconds per save)."""
     buf = io.BytesIO()
     torch.save({"format": FORMAT, "version": VERSION, **payload}, buf)
-    blob = buf.getvalue()
+    blob = buf.getbuffer()
     header = {"format": FORMAT, "version": VERSION, "sha256": hashlib.sha256(blob).hexdigest(), "size": len(blob),
               **{k: payload.get(k) for k in ("step", "epoch", "batch", "branch")}}
-    return json.dumps(header).encode() + b"\n" + blob
+    return json.dumps(header).encode() + b"\n", blob
 
 
 def save_checkpoint(directory: str | os.PathLike, step: int, payload: dict[str, Any], keep: int,
@@ -70,7 +76,7 @@ def save_checkpoint(directory: str | os.PathLike, step: int, payload: dict[str, 
     """
     d = Path(directory)
     path = d / checkpoint_name(step)
-    atomic_write_bytes(path, encode_checkpoint(payload), what="write checkpoint")
+    atomic_write_bytes(path, _checkpoint_parts(payload), what="write checkpoint")
     for old_step, old_path in list_checkpoints(d)[:-keep]:
         if old_step not in protect:
             old_path.unlink(missing_ok=True)
