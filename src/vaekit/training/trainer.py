@@ -21,6 +21,7 @@ import os
 import re
 import time
 import warnings
+from collections import deque
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -188,7 +189,7 @@ class Trainer:
         self._stop_reason: str | None = None
         self._recover: tuple[int, str, Callable[[TrainingLoop], str]] | None = None
         self._last_eval: dict[str, Any] | None = None
-        self._recent_kl: list[float] = []
+        self._recent_kl: deque[float] = deque(maxlen=50)  # the train KL stored with a checkpoint
         self._notes: list[dict[str, Any]] = []  # events found before the log opens (skipped checkpoints, ...)
         self._frozen: Frozen | None = None  # train.trainable's frozen parts, released when the run ends
 
@@ -413,7 +414,10 @@ class Trainer:
     def _after_step(self, record: dict[str, Any]) -> None:
         for cb in self.hooks:
             cb.on_step_end(self, record)
-        self._recent_kl = (self._recent_kl + [record["kl"]])[-50:] if "kl" in record else []
+        if "kl" in record:
+            self._recent_kl.append(record["kl"])
+        else:
+            self._recent_kl.clear()
         if self.dist.is_main:
             self.log.write(record)  # type: ignore[union-attr]
 
@@ -509,7 +513,7 @@ class Trainer:
         abandoned = self.state.step
         self.branch += 1
         change = remedy(self)
-        self._recent_kl = []
+        self._recent_kl.clear()
         if self.dist.is_main and self.history is not None:
             self.history.abandon_after(abandoned)  # the checkpoints of the collapsed branch
         self.log_record({"type": "event", "event": "recover", "step": self.state.step, "from_checkpoint": str(path),
