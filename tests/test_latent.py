@@ -30,3 +30,19 @@ def test_mi_matches_gaussian_channel_formula():
     est = mutual_information(x, torch.full((N, D), 2 * math.log(s)), generator=g)
     exact = D * 0.5 * math.log(1 + 1 / s**2)
     assert abs(est - exact) < 0.05, (est, exact)
+
+
+def test_mi_matches_the_direct_pairwise_density_sum():
+    # the (c, N, D) broadcast the expanded quadratic replaces, on posteriors of mixed widths
+    g = torch.Generator().manual_seed(3)
+    N, D = 300, 6
+    mean = 2 * torch.randn(N, D, generator=g, dtype=torch.float64)
+    logvar = torch.randn(N, D, generator=g, dtype=torch.float64) - 1.0
+    est = mutual_information(mean, logvar, generator=torch.Generator().manual_seed(4), chunk=64)
+    noise = torch.randn(N, D, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    z = mean + torch.exp(0.5 * logvar) * noise
+    var = logvar.exp()
+    log_q = -0.5 * (((z[:, None, :] - mean[None]) ** 2 / var[None]) + logvar[None] + math.log(2 * math.pi)).sum(-1)
+    own = torch.diagonal(log_q).mean()
+    agg = (torch.logsumexp(log_q, dim=1) - math.log(N)).mean()
+    assert abs(est - float(own - agg)) < 1e-9
