@@ -348,3 +348,18 @@ def test_check_class_labels_names_the_problem():
             check_class_labels(bad, 3)
     with pytest.raises(InputError, match=r"shape \(4,\)"):
         check_class_labels(torch.tensor([0, 1]), 3, n=4)
+
+
+def test_device_and_dtype_follow_to_reassigned_parameters_and_new_submodules():
+    # BaseModel remembers where its first parameter lives instead of walking the modules each call
+    model = VAE(VAEConfig(latent_dim=2, hidden_sizes=(8,)))
+    assert model.dtype == torch.float32 and model.device == torch.device("cpu")
+    model.to(torch.float64)
+    assert model.dtype == torch.float64
+    first = next(model.parameters())
+    owner = next(m for m in model.modules() if any(p is first for p in m._parameters.values()))
+    key = next(k for k, p in owner._parameters.items() if p is first)
+    setattr(owner, key, torch.nn.Parameter(first.detach().half()))
+    assert model.dtype == torch.float16
+    model.encoder = torch.nn.Sequential(torch.nn.Linear(784, 8).to(torch.bfloat16))
+    assert model.dtype == next(model.parameters()).dtype == torch.bfloat16

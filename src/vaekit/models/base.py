@@ -165,13 +165,15 @@ class BaseModel(nn.Module, ABC):
         """Decoder mean at the posterior mean, same shape as ``x``."""
 
     @torch.no_grad()
-    def inspect(self, x: torch.Tensor, y: Any = None) -> Inspection:
+    def inspect(self, x: torch.Tensor, y: Any = None, *, check: bool = True) -> Inspection:
         """Per-example reconstruction error, latent statistics and KL of x (B, C, H, W) in one pass.
 
         ``reconstruction`` equals :meth:`reconstruct`; ``recon_nats`` is -log p(x|z) at the
         posterior mean (not the ELBO's sampled term), so the figures are deterministic.
+        ``check=False`` skips the pass over the values (NaN/inf, range) for an x that a caller
+        already checked (the service's gate); shape and dtype are always checked.
         """
-        x = self.check_input(x)
+        x = self.check_input(x, values=check)
         posterior = self._posterior_of_checked(x, y)
         mean = posterior.mean  # (B, D)
         lik = self._decode_at(mean, y)
@@ -236,11 +238,32 @@ class BaseModel(nn.Module, ABC):
 
     @property
     def device(self) -> torch.device:
-        return next(self.parameters()).device
+        return self._first_parameter().device
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.parameters()).dtype
+        return self._first_parameter().dtype
+
+    def _first_parameter(self) -> torch.Tensor:
+        """``next(self.parameters())`` without walking the module tree each time (the serving path
+        asks for the dtype several times per request; a walk costs ~10 us). The owner module and
+        the parameter's key are remembered, so ``.to()``, ``load_state_dict`` and a reassigned
+        parameter are seen; assigning a submodule on the model forgets them."""
+        ref = self.__dict__.get("_first_param_ref")
+        if ref is not None:
+            p = ref[0]._parameters.get(ref[1])
+            if p is not None:
+                return p
+        for module in self.modules():
+            for key, p in module._parameters.items():
+                if p is not None:
+                    self.__dict__["_first_param_ref"] = (module, key)
+                    return p
+        raise InputError(f"{type(self).__name__} has no parameters: it has no device or dtype")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        self.__dict__.pop("_first_param_ref", None)  # a new submodule may hold the first parameter now
+        super().__setattr__(name, value)
 
     def check_input(self, x: Any, name: str = "x", *, values: bool = True) -> torch.Tensor:
         """The one input check of every entry point: x must be a float tensor (B, *input_shape) of finite
