@@ -109,3 +109,19 @@ def test_argument_errors():
         QualityGate((1, 4, 4)).check(x)
     # the variance rule alone needs no fitting; the threshold is configurable
     assert QualityGate((1, 4, 4), histogram=False, min_variance=0.5).check(x).reasons == ["low_variance"] * 2
+
+
+def test_the_gate_statistics_match_torch_computations_image_by_image():
+    # the gate computes in numpy; an independent torch computation per image gives the same figures
+    g = torch.Generator().manual_seed(7)
+    x = torch.rand(6, 1, 28, 28, generator=g, dtype=torch.float32) ** 3
+    x[2] = 1.0  # every pixel in the last bin
+    ref = reference_histogram(torch.rand(50, 1, 28, 28, generator=g))
+    out = check_batch(x, reference_hist=ref, hist_threshold=1.0, min_variance=0.0)
+    for i in range(6):
+        xi = x[i].double().flatten()
+        assert out.pixel_mean[i] == pytest.approx(float(xi.mean()), rel=1e-12)
+        assert out.pixel_var[i] == pytest.approx(float(xi.var(unbiased=False)), rel=1e-9, abs=1e-15)
+        h = torch.histc(xi, bins=32, min=0.0, max=1.0) / xi.numel()  # numpy's edge rule: 1.0 in the last bin
+        assert out.hist_distance[i] == pytest.approx(float(0.5 * (h - ref).abs().sum()), abs=1e-12)
+    np.testing.assert_allclose(intensity_histogram(x).numpy().sum(1), 1.0)
