@@ -539,10 +539,10 @@ def test_reload_swaps_atomically_and_in_flight_requests_finish_on_the_old_versio
         entered, release = threading.Event(), threading.Event()
         real = old.inspect
 
-        def gated(x, y=None):  # hold the old model's batch until the swap has happened
+        def gated(x, y=None, **kw):  # hold the old model's batch until the swap has happened
             entered.set()
             assert release.wait(10)
-            return real(x, y)
+            return real(x, y, **kw)
 
         old.inspect = gated
         fut = svc.submit("score", x=images(1))

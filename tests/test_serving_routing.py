@@ -135,13 +135,13 @@ class BrokenShadow:
         model = load_model(self.folder, map_location=device)
         inner = model.inspect
 
-        def inspect(x, y=None):
+        def inspect(x, y=None, **kw):
             if self.armed.is_set():
                 self.calls += 1
                 if self.mode == "raise":
                     raise RuntimeError("the shadow is broken")
                 self.release.wait(30)
-            return inner(x, y)
+            return inner(x, y, **kw)
 
         model.inspect = inspect
         return Loaded(model, "shadow-x")

@@ -205,10 +205,11 @@ class VQVAE(BaseModel):
         return self._lookup(self.check_input(x))[2]
 
     @torch.no_grad()
-    def inspect(self, x: torch.Tensor, y: Any = None) -> Inspection:
+    def inspect(self, x: torch.Tensor, y: Any = None, *, check: bool = True) -> Inspection:
         """Reconstruction error at the code grid, the codes, and ``latent_norm``: the mean over grid
-        cells of ||z_e|| (the encoder output before quantization; outliers map far from the codebook)."""
-        x = self.check_input(x)
+        cells of ||z_e|| (the encoder output before quantization; outliers map far from the codebook).
+        ``check`` as in :meth:`BaseModel.inspect`."""
+        x = self.check_input(x, values=check)
         z_e, z_q, idx = self._lookup(x)
         lik = self.likelihood_from(self.decoder(z_q))
         recon = lik.mean
