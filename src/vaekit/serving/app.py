@@ -10,6 +10,7 @@ Protocol under ``/v2`` (:mod:`vaekit.serving.oip`) and, only when an admin token
 from __future__ import annotations
 
 import asyncio
+import gc
 import hmac
 import json
 import logging
@@ -341,13 +342,31 @@ def _field_of(message: str) -> str:
     return head if head in ("x", "y", "z", "n", "seed", "endpoint") else "body"
 
 
+def freeze_heap() -> None:
+    """Collect once, then move every live object into the collector's permanent generation
+    (``gc.freeze``): the models, torch, FastAPI and pydantic objects loaded at start-up are never
+    scanned again. A full collection of that heap stalls every thread for tens of milliseconds;
+    with a request's allocations triggering one every few seconds, it was the p99 at 32 clients
+    (MLP VAE, batching on: 157 ms -> 26 ms, 1,190 -> 1,760 req/s; docs/serving.md). Called again
+    after a model swap (unfrozen first, so the old version's cycles are collected)."""
+    gc.unfreeze()
+    gc.collect()
+    gc.freeze()
+
+
+def _refreeze(previous: str | None, current: str) -> None:
+    freeze_heap()
+
+
 def create_app(services: ModelService | Sequence[ModelService], *, max_body_bytes: int = DEFAULT_MAX_BODY,
-               admin_token: str | None = None, manage: bool = True) -> FastAPI:
+               admin_token: str | None = None, manage: bool = True, freeze_gc: bool = True) -> FastAPI:
     """The FastAPI app serving ``services`` (one ModelService or several, by name).
 
     ``max_body_bytes``: larger bodies get 413. ``admin_token``: the bearer token of the admin routes;
     None reads ``VAEKIT_ADMIN_TOKEN``; empty (or unset) leaves the admin routes unmounted.
     ``manage``: start the services when the app starts and close them when it stops.
+    ``freeze_gc``: once the services are started, and after each model swap, :func:`freeze_heap`
+    (a process-wide setting: turn it off when the app shares its process with other work).
     """
     if isinstance(services, ModelService):
         services = [services]
@@ -370,7 +389,15 @@ def create_app(services: ModelService | Sequence[ModelService], *, max_body_byte
         for s in by_name.values():
             if s.ready:
                 metrics_obj.watch(s)
+        if freeze_gc:
+            freeze_heap()
+            for s in by_name.values():
+                s.swap_listeners.append(_refreeze)
         yield
+        if freeze_gc:
+            for s in by_name.values():
+                if _refreeze in s.swap_listeners:
+                    s.swap_listeners.remove(_refreeze)
         if manage:
             for s in by_name.values():
                 await asyncio.to_thread(s.close)
