@@ -387,6 +387,12 @@ def test_artifact_root_is_a_setting(db_uri, tmp_path, models, monkeypatch):
     if db_uri.startswith("sqlite"):
         with ModelRegistry(db_uri) as r:  # beside the database file
             assert r.store.root == Path(db_uri.removeprefix("sqlite:///")).parent / "artifacts"
+        other = f"sqlite:///{tmp_path / 'other' / 'registry.db'}"
+        with ModelRegistry(other, artifact_root=tmp_path / "elsewhere") as r:
+            v = r.register(models[0], "m")
+        with ModelRegistry(other) as r:  # a new process, the CLI: the root given at creation
+            assert r.store.root == tmp_path / "elsewhere" and r.get("m/1").artifact_path == v.artifact_path
+            assert r.load("m/1") is not None
         return
     with pytest.raises(RegistryError, match="has no artifact folder recorded: pass artifact_root="):
         ModelRegistry(db_uri)

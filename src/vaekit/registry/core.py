@@ -163,8 +163,8 @@ class ModelRegistry:
 
     ``uri`` defaults to ``$VAEKIT_REGISTRY``, else ``sqlite:///registry/registry.db`` (relative to the working
     directory). Artifacts go to ``artifact_root`` (else ``$VAEKIT_REGISTRY_ARTIFACTS``, else the root recorded when
-    the registry was created, else, for SQLite, an ``artifacts`` folder beside the database file). A PostgreSQL
-    registry shared by several machines needs a root all of them see (a shared file system).
+    the registry was first opened with one, else, for SQLite, an ``artifacts`` folder beside the database
+    file). A PostgreSQL registry shared by several machines needs a root all of them see (a shared file system).
     ``actor`` (default ``user@host``) is recorded as who registered or moved what.
     """
 
@@ -200,7 +200,9 @@ class ModelRegistry:
 
     def _init_schema(self, artifact_root: str | os.PathLike | None) -> None:
         shown = self.engine.url.render_as_string(hide_password=True)
-        want_root = artifact_root is not None and not self._is_sqlite  # a shared root is recorded once
+        # a root given at creation is recorded once (SQLite too: a later open without it, from another
+        # process or the CLI, finds the artifacts where they are, not beside the database)
+        want_root = artifact_root is not None
 
         def state(conn: Connection) -> tuple[int | None, bool, bool]:
             """(schema version or None, every table present, an artifact root recorded)."""
@@ -254,7 +256,8 @@ class ModelRegistry:
         if os.environ.get(ENV_ARTIFACTS):
             return Path(os.environ[ENV_ARTIFACTS]).resolve()
         stored = None
-        if sqlite_path(self.engine.url) is None:
+        db = sqlite_path(self.engine.url)
+        if db is None or db.is_file():  # a new SQLite file is not created just to read a setting
             try:
                 with self._read.connect() as conn:
                     if inspect(conn).has_table(S.settings.name):
@@ -264,7 +267,6 @@ class ModelRegistry:
                 raise RegistryError(f"cannot open the registry at {self._shown}: {_one_line(exc.orig)}") from None
         if stored:
             return Path(stored)
-        db = sqlite_path(self.engine.url)
         if db is not None:
             return db.resolve().parent / "artifacts"
         raise RegistryError(f"the PostgreSQL registry at {self._shown} has no artifact folder recorded: pass "
