@@ -159,3 +159,16 @@ def test_vaekit_serve_capture_dir_writes_its_buffer_on_sigterm(tmp_path):
     assert sum(r["count"] for r in rows) == len(expected) > 0  # nothing buffered was lost at shutdown
     with np.load(rows[0]["path"]) as doc:
         assert list(doc["request_ids"]) == expected
+
+
+def test_a_pipeline_window_needs_the_store_and_a_forward_interval():
+    from vaekit.cli.retrain import parse_time
+    from vaekit.deploy.pipelines import PipelineConfig
+
+    with pytest.raises(ConfigError, match="give store"):
+        PipelineConfig(kind="emergency", name="m", data="capture", since=1.0)
+    with pytest.raises(ConfigError, match="until must be later than since"):
+        PipelineConfig(kind="emergency", name="m", data="capture", store="sqlite:///x.db", since=5.0, until=5.0)
+    assert parse_time("2026-12-01T11:00:00Z", "--since") == parse_time("2026-12-01T11:00:00", "--since") == 1796122800.0
+    with pytest.raises(ConfigError, match="--since must be Unix seconds or an ISO 8601 time.*'yesterday'"):
+        parse_time("yesterday", "--since")
