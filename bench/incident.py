@@ -65,8 +65,10 @@ def only(split: ImageSplit, cls: int) -> ImageSplit:
 class Traffic:
     """Serves requests of one image through the service and keeps the timeline figures."""
 
-    def __init__(self, svc: ModelService, monitor: Monitor, check_every: int):
+    def __init__(self, svc: ModelService, monitor: Monitor, check_every: int, window_requests: int | None = None):
         self.svc, self.monitor, self.check_every = svc, monitor, check_every
+        self.window_requests = window_requests  # score the last N requests (None: the monitor's window_s)
+        self.sent_at: list[float] = []  # Unix time of each request
         self.n = 0
         self.rejected = 0
         self.black_sent = 0  # all-black images sent, and how many of them the gate refused
@@ -81,6 +83,7 @@ class Traffic:
         from vaekit.serving.service import GateRejectedError
 
         self.n += 1
+        self.sent_at.append(time.time())
         black = not bool(x.any())
         self.black_sent += black
         try:
@@ -95,7 +98,11 @@ class Traffic:
 
     def check(self, phase: str) -> None:
         self.svc.flush_records()
-        it = self.monitor.run_once(time.time())
+        now = time.time()
+        if self.window_requests is not None:  # a window of the last N requests, however fast they came
+            first = self.sent_at[max(0, len(self.sent_at) - self.window_requests)]
+            self.monitor.window_s = now - first + 1e-3
+        it = self.monitor.run_once(now)
         ks = [g.results.get("ks_latent") for g in it.groups if g.route == "production" and g.results]
         p = ks[0].p_value if ks and ks[0] is not None else None
         firing = sorted({e.rule for e in it.events if e.status == "firing"})
@@ -150,17 +157,17 @@ def canary_round(reg: ModelRegistry, store: RecordStore, svc: ModelService, traf
 # per preset: requests before / after the drift, at most per canary round, monitor and decision cadence, the
 # production run (epochs, training subset, hidden width), the retrain's epochs, suite examples, monitor minimum,
 # canary requests before a decision may promote, the degraded candidate's decoder noise, the canary's share, and
-# the monitor's cadence while a canary runs
+# the monitor's cadence while a canary runs, and its window in requests (None: the last 6 s, whatever the rate)
 PRESETS: dict[str, dict[str, Any]] = {
     "full": dict(normal=2000, drift=3000, canary_max=40000, check_every=500, chunk=1000, epochs=5, subset=None,
                  hidden=256, retrain_epochs=5, examples=2000, min_requests=150, canary_min=100, noise=0.05,
-                 canary_share=0.05, canary_check_every=500),
+                 canary_share=0.05, canary_check_every=500, window_requests=None),
     "quick": dict(normal=1000, drift=1500, canary_max=16000, check_every=250, chunk=1000, epochs=2, subset=20000,
                   hidden=256, retrain_epochs=3, examples=2000, min_requests=150, canary_min=100, noise=0.05,
-                  canary_share=0.05, canary_check_every=250),
+                  canary_share=0.05, canary_check_every=250, window_requests=None),
     "tiny": dict(normal=300, drift=700, canary_max=8000, check_every=100, chunk=500, epochs=1, subset=6000,
                  hidden=128, retrain_epochs=2, examples=500, min_requests=80, canary_min=50, noise=0.1,
-                 canary_share=0.1, canary_check_every=500),
+                 canary_share=0.1, canary_check_every=500, window_requests=300),
 }
 
 
@@ -205,6 +212,29 @@ def degraded_canary(reg: ModelRegistry, out: Path, noise: float) -> None:
     start_canary(reg, "fashion", ver.version, "a degraded candidate, to show the rollback")
 
 
+def normal_then_drift(svc: ModelService, traffic: Traffic, pool: ImageSplit, new: ImageSplit, P: dict[str, Any],
+                      rng: np.random.Generator) -> tuple[int, float, float]:
+    """Normal traffic, then the drift (15% the new line, 3% all-black images), with a capture shard
+    boundary at the drift; returns (requests before the drift, its Unix time, the drift's end)."""
+    stream(traffic, pool, None, P["normal"], rng, "normal")
+    svc.flush_capture()  # a shard boundary at the drift, so the window of the retrain starts cleanly
+    drift_at, t_drift = traffic.n, time.time()
+    stream(traffic, pool, new, P["drift"], rng, "drift")
+    svc.flush_capture()
+    return drift_at, t_drift, time.time()
+
+
+def emergency(reg: ModelRegistry, store: RecordStore, out: Path, P: dict[str, Any], since: float, until: float,
+              threads: int) -> dict[str, Any]:
+    """The emergency pipeline on what the service captured in [since, until) (through the store's
+    capture index); returns its state."""
+    suite = SuitePolicy(parts=("elbo", "recon"), examples=P["examples"], tolerance=0.02, new_tolerance=0.0)
+    pipe = PipelineConfig(kind="emergency", name="fashion", data=str(out / "capture"), out=str(out / "pipelines"),
+                          registry=reg.uri, epochs=P["retrain_epochs"], suite=suite, store=store.uri, since=since,
+                          until=until, overrides=(f"train.threads={threads}",))
+    return run_pipeline(pipe, reg, log=lambda line: print("  pipeline", line, flush=True))
+
+
 def main() -> None:
     args = parse_args()
     torch.set_num_threads(args.threads)
@@ -227,25 +257,15 @@ def main() -> None:
     # the window: the last few seconds of traffic (a few hundred requests at this rate), as a monitor
     # process scoring the store every check would see it
     monitor = Monitor(store, reg, "fashion", window_s=6.0, min_requests=P["min_requests"])
-    traffic = Traffic(svc, monitor, P["check_every"])
+    traffic = Traffic(svc, monitor, P["check_every"], P["window_requests"])
     rng = np.random.default_rng(0)
     pool = ImageSplit(old_test.images[3000:], old_test.labels[3000:])  # held out from the profile's images
     # 2. normal traffic, then the drift: 15% the new line, 3% all-black images
-    stream(traffic, pool, None, P["normal"], rng, "normal")
-    drift_at = traffic.n
-    svc.flush_capture()  # a shard boundary at the drift, so the window below starts cleanly
-    t_drift = time.time()
-    stream(traffic, pool, new_test, P["drift"], rng, "drift")
-    svc.flush_capture()
-    t_end = time.time()
+    drift_at, t_drift, t_end = normal_then_drift(svc, traffic, pool, new_test, P, rng)
     phases["traffic"] = time.perf_counter() - t_start - sum(phases.values())
     first_alert = next((a for a in traffic.alerts if a["request"] > drift_at and a["status"] == "firing"), None)
     # 3. emergency retrain on what the service captured since the drift (selected through the store's index)
-    suite = SuitePolicy(parts=("elbo", "recon"), examples=P["examples"], tolerance=0.02, new_tolerance=0.0)
-    pipe = PipelineConfig(kind="emergency", name="fashion", data=str(out / "capture"), out=str(out / "pipelines"),
-                          registry=reg.uri, epochs=P["retrain_epochs"], suite=suite, store=store.uri, since=t_drift,
-                          until=t_end, overrides=(f"train.threads={args.threads}",))
-    state = run_pipeline(pipe, reg, log=lambda line: print("  pipeline", line, flush=True))
+    state = emergency(reg, store, out, P, t_drift, t_end, args.threads)
     phases["pipeline"] = time.perf_counter() - t_start - sum(phases.values())
     captured = {"share": capture.share, "shards": len(store.captures("fashion")), "images": capture.written,
                 "since_drift": state["steps"]["validate"]["report"]["images"]}
