@@ -172,3 +172,22 @@ def test_a_pipeline_window_needs_the_store_and_a_forward_interval():
     assert parse_time("2026-12-01T11:00:00Z", "--since") == parse_time("2026-12-01T11:00:00", "--since") == 1796122800.0
     with pytest.raises(ConfigError, match="--since must be Unix seconds or an ISO 8601 time.*'yesterday'"):
         parse_time("yesterday", "--since")
+
+
+def test_a_pipeline_started_before_the_window_settings_existed_continues(tmp_path):
+    import json
+    from dataclasses import asdict
+
+    from vaekit.deploy.pipelines import Pipeline, PipelineConfig, PipelineError
+
+    reg = ModelRegistry(f"sqlite:///{tmp_path / 'reg.db'}")
+    cfg = PipelineConfig(kind="emergency", name="m", data="capture", out=str(tmp_path / "pipes"))
+    old = json.loads(json.dumps(asdict(cfg), default=str))
+    for key in ("store", "since", "until"):  # what a pipeline.json written before them holds
+        del old[key]
+    cfg.folder.mkdir(parents=True)
+    (cfg.folder / "pipeline.json").write_text(json.dumps({"config": old, "steps": {"validate": {"summary": "x"}}}))
+    assert Pipeline(cfg, reg).state["steps"] == {"validate": {"summary": "x"}}
+    with pytest.raises(PipelineError, match="other settings"):
+        Pipeline(PipelineConfig(kind="emergency", name="m", data="capture", out=str(tmp_path / "pipes"),
+                                store="sqlite:///x.db"), reg)

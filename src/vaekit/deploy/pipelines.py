@@ -178,7 +178,9 @@ class Pipeline:
     def _load_state(self) -> dict[str, Any]:
         if self.state_file.is_file():
             state = json.loads(self.state_file.read_text())
-            if state.get("config") != self._config_doc():
+            stored, current = state.get("config") or {}, self._config_doc()
+            # a setting added since that pipeline started, left at None, is the same pipeline
+            if {k: v for k, v in current.items() if k in stored or v is not None} != stored:
                 raise PipelineError(f"{self.folder} holds a pipeline with other settings; use another --out or "
                                     "remove the folder to start afresh")
             return state
