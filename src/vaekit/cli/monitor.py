@@ -60,6 +60,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     once.add_argument("--once", action="store_true", help="one iteration, then exit")
     once.add_argument("--iterations", type=int, help="this many iterations, then exit")
     r.add_argument("--json", action="store_true", help="print each iteration as a JSON line")
+    r.add_argument("--on-alert-retrain", metavar="RULE[,RULE]", help="start `vaekit retrain emergency` (its own "
+                   "process) once per alert episode of these rules on NAME@production (needs --capture-dir)")
+    r.add_argument("--capture-dir", metavar="DIR", help="the service's capture folder: the retrain's --data")
+    r.add_argument("--retrain-out", default="pipelines/triggered", metavar="DIR",
+                   help="where each episode's pipeline folder goes (default pipelines/triggered)")
+    r.add_argument("--retrain-arg", action="append", default=[], metavar="ARG",
+                   help="one more argument for `vaekit retrain` (repeat: --retrain-arg=--epochs --retrain-arg=3)")
     r.set_defaults(func=_db(run))
 
     s = verbs.add_parser("status", parents=[common], help="requests, latest rollup and firing alerts per version/route")
@@ -162,7 +169,9 @@ def run(args: argparse.Namespace) -> int:
         signal.signal(sig, lambda *_: stop.set())
     iterations = 1 if args.once else args.iterations
     mon = Monitor(store, registry, args.model, window_s=args.window_s, min_requests=args.min_requests,
-                  sinks=sinks, alpha=args.alpha)
+                  sinks=sinks, alpha=args.alpha, hooks=_hooks(args))
+    for hook in mon.hooks:
+        hook.check_rules([rule.name for rule in mon.rules])
     log = logging.getLogger("vaekit.monitoring.monitor")
     try:
         k = 0
@@ -184,6 +193,22 @@ def run(args: argparse.Namespace) -> int:
         store.close()
         registry.close()
     return 0
+
+
+def _hooks(args: argparse.Namespace) -> list[Any]:
+    """The ``--on-alert-retrain`` trigger (vaekit.deploy.trigger), or none."""
+    if not args.on_alert_retrain:
+        if args.capture_dir:
+            raise ConfigError("--capture-dir is the retrain's data: give --on-alert-retrain RULE[,RULE] with it")
+        return []
+    if not args.capture_dir:
+        raise ConfigError(f"--on-alert-retrain {args.on_alert_retrain} needs --capture-dir DIR (the service's "
+                          "capture folder, what the emergency retrain trains on)")
+    from vaekit.deploy.trigger import RetrainTrigger
+
+    rules = [r.strip() for r in args.on_alert_retrain.split(",") if r.strip()]
+    return [RetrainTrigger(rules, args.capture_dir, args.retrain_out, artifacts=args.artifacts,
+                           extra_args=args.retrain_arg)]
 
 
 def _print_iteration(args: argparse.Namespace, it: Any) -> None:

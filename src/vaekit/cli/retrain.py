@@ -9,9 +9,11 @@ started), 2 when a step refused (bad data, a failed benchmark suite) with the re
 from __future__ import annotations
 
 import argparse
+from datetime import UTC, datetime
 
 from vaekit.deploy.pipelines import KINDS, PipelineConfig, run_pipeline
 from vaekit.deploy.suite import SuitePolicy
+from vaekit.errors import ConfigError
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -32,8 +34,29 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--examples", type=int, help="evaluate the suite on the first N test images of each distribution")
     p.add_argument("--parts", default="elbo,recon", help="report parts of the benchmark suite (e.g. elbo,recon,fid)")
     p.add_argument("--no-canary", action="store_true", help="register the candidate without starting a canary")
+    p.add_argument("--store", metavar="URI", help="record store whose capture index lists --data's shards (a "
+                   "vaekit serve --capture-dir folder); needed for --since / --until")
+    p.add_argument("--since", metavar="TIME", help="only images captured at or after TIME (Unix seconds or ISO 8601; "
+                   "naive times are UTC)")
+    p.add_argument("--until", metavar="TIME", help="only images captured before TIME")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="run-config override")
     p.set_defaults(func=run)
+
+
+def parse_time(text: str | None, option: str) -> float | None:
+    """Unix seconds from ``text``: a number, or an ISO 8601 time (UTC when it names no zone); None stays None."""
+    if text is None:
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        t = datetime.fromisoformat(text)
+    except ValueError:
+        raise ConfigError(f"{option} must be Unix seconds or an ISO 8601 time such as 2024-05-01T12:00:00Z, "
+                          f"got {text!r}") from None
+    return (t if t.tzinfo is not None else t.replace(tzinfo=UTC)).timestamp()
 
 
 def run(args: argparse.Namespace) -> int:
@@ -42,7 +65,8 @@ def run(args: argparse.Namespace) -> int:
     cfg = PipelineConfig(kind=args.kind, name=args.name, data=args.data, out=args.out, registry=args.registry,
                          artifact_root=args.artifacts, replay=args.replay, replay_share=args.replay_share,
                          lr=args.lr, epochs=args.epochs, recent=args.recent, suite=suite,
-                         canary=not args.no_canary, overrides=tuple(args.set))
+                         canary=not args.no_canary, overrides=tuple(args.set), store=args.store,
+                         since=parse_time(args.since, "--since"), until=parse_time(args.until, "--until"))
     state = run_pipeline(cfg)
     reg = state["steps"].get("register", {})
     print(f"done: {reg.get('ref')} registered from {state['production']}; "

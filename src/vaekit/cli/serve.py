@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 from vaekit.errors import ConfigError, check_positive
 
@@ -47,6 +48,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    "while NAME@canary is set (default 0.05)")
     p.add_argument("--shadow-share", type=float, default=1.0, help="share of requests mirrored to NAME@shadow "
                    "while it is set (default 1)")
+    p.add_argument("--capture-dir", metavar="DIR", help="keep a share of the accepted production requests' images "
+                   "as .npz shards in DIR, indexed in the --store (the retrain pipelines' --data)")
+    p.add_argument("--capture-share", type=float, default=0.1, help="share of requests captured, chosen by a hash "
+                   "of the request id (default 0.1)")
+    p.add_argument("--capture-shard-images", type=int, default=1000, help="images per capture shard (default 1000)")
+    p.add_argument("--capture-max-age", type=float, metavar="SECONDS", help="retention: delete capture shards "
+                   "whose last image is older (default: keep)")
+    p.add_argument("--capture-max-images", type=int, help="retention: keep at most this many captured images, "
+                   "the newest (default: keep all)")
     p.add_argument("--access-log", action="store_true", help="log every request (off: it costs latency)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=run)
@@ -60,6 +70,12 @@ def _reference(args: argparse.Namespace) -> tuple[str, str | None]:
     return ref, name
 
 
+def capture_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The Capture keyword arguments of the ``--capture-*`` flags (checked by Capture itself)."""
+    return {"shard_images": args.capture_shard_images, "max_age_s": args.capture_max_age,
+            "max_images": args.capture_max_images}
+
+
 def run(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -68,13 +84,19 @@ def run(args: argparse.Namespace) -> int:
     if args.port > 65535:
         raise ConfigError(f"--port must be in [0, 65535], got {args.port}")
     ref, name = _reference(args)
+    if args.capture_dir and not args.store:
+        raise ConfigError(f"--capture-dir {args.capture_dir} needs --store: the capture index and its retention live "
+                          "in the monitoring store (give --store alone for sqlite:///monitoring/records.db)")
+    if not 0 <= args.capture_share <= 1:
+        raise ConfigError(f"--capture-share must be a number in [0, 1], got {args.capture_share}")
     cfg = {"reference": ref, "name": name, "device": args.device, "max_batch_size": args.max_batch_size,
            "max_wait_ms": args.max_wait_ms, "latent_norm_limit": args.latent_norm_limit,
            "max_images": args.max_images, "poll_interval_s": args.poll_interval, "threads": args.threads,
            "max_body_bytes": args.max_body_bytes, "records": args.records, "registry": args.registry,
            "store": args.store, "gate": not args.no_gate, "min_variance": args.min_variance,
            "hist_threshold": args.hist_threshold, "canary_share": args.canary_share,
-           "shadow_share": args.shadow_share}
+           "shadow_share": args.shadow_share, "capture_dir": args.capture_dir, "capture_share": args.capture_share,
+           "capture_options": capture_options(args)}
     common = dict(host=args.host, port=args.port, log_level=args.log_level, access_log=args.access_log)
     from vaekit.serving.sources import RegistrySource, resolve_source
 
@@ -94,7 +116,8 @@ def run(args: argparse.Namespace) -> int:
                            max_images=args.max_images, poll_interval_s=cfg["poll_interval_s"], threads=args.threads,
                            sink=JsonlSink(args.records) if args.records else None, store=args.store,
                            gate=not args.no_gate, min_variance=args.min_variance,
-                           hist_threshold=args.hist_threshold, routing=_routing(cfg))
+                           hist_threshold=args.hist_threshold, routing=_routing(cfg), capture=args.capture_dir,
+                           capture_share=args.capture_share, capture_options=cfg["capture_options"])
     # uvicorn turns SIGTERM / SIGINT into a graceful shutdown: it stops accepting, lets requests in
     # flight finish, then the app's lifespan closes the service, which writes every queued record
     service.start()  # load and warm up before binding: a bad model fails here with its error
@@ -103,5 +126,8 @@ def run(args: argparse.Namespace) -> int:
           f"http://{args.host}:{args.port}", flush=True)
     if args.store:
         print(f"vaekit serve: request records -> {args.store}", flush=True)
+    if args.capture_dir:
+        print(f"vaekit serve: capturing {args.capture_share:.0%} of accepted requests -> {args.capture_dir}",
+              flush=True)
     uvicorn.run(create_app(service, max_body_bytes=args.max_body_bytes), **common)
     return 0

@@ -33,9 +33,13 @@ SUFFIX = ".npz"
 
 
 def write_shard(path: str | os.PathLike, images: torch.Tensor | np.ndarray,
-                labels: torch.Tensor | np.ndarray | None = None) -> Path:
+                labels: torch.Tensor | np.ndarray | None = None, *, extra: dict[str, np.ndarray] | None = None
+                ) -> Path:
     """Write ``images`` (N, C, H, W) or (N, H, W) uint8 and ``labels`` (N,) integers (None:
-    unlabelled, stored as -1) to the shard file ``path`` atomically; returns the path."""
+    unlabelled, stored as -1) to the shard file ``path`` atomically; returns the path.
+
+    ``extra``: further per-image arrays (N, ...) of numbers or strings stored beside them (the
+    request capture's ``times`` and ``request_ids``); readers of images and labels ignore them."""
     img = images.detach().cpu().numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
     if img.dtype != np.uint8 or img.ndim not in (3, 4) or img.shape[0] == 0:
         raise InputError(f"images must be a non-empty uint8 array (N, C, H, W) or (N, H, W), "
@@ -45,8 +49,15 @@ def write_shard(path: str | os.PathLike, images: torch.Tensor | np.ndarray,
         labels.detach().cpu().numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels))
     if lab.shape != (n,) or not np.issubdtype(lab.dtype, np.integer):
         raise InputError(f"labels must be integers of shape ({n},), got {lab.dtype} {tuple(lab.shape)}")
+    arrays = {}
+    for key, arr in (extra or {}).items():
+        arr = np.asarray(arr)
+        if key in ("images", "labels") or arr.ndim < 1 or arr.shape[0] != n or arr.dtype.kind not in "biufU":
+            raise InputError(f"extra[{key!r}] must be a per-image array of numbers or strings ({n}, ...) named "
+                             f"neither images nor labels, got {arr.dtype} {tuple(arr.shape)}")
+        arrays[key] = arr
     buf = io.BytesIO()
-    np.savez(buf, images=img, labels=lab.astype(np.int64))
+    np.savez(buf, images=img, labels=lab.astype(np.int64), **arrays)
     path = Path(path)
     atomic_write_bytes(path, buf.getvalue(), "write the shard")
     return path

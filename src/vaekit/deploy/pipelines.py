@@ -11,6 +11,11 @@ run config it was trained with, recorded by the registry):
 * ``emergency`` (on a drift alert): fine-tune every parameter on the most recent ``recent``
   captured images (default 100,000) mixed with the replay sample, at a tenth of the run's lr.
 
+The captured images are ``data``: a shard file or folder (a service's capture folder is read in
+name order, which is capture order, so "the most recent" holds), or, with ``store``, the capture
+folder's shards listed by the record store's capture index, optionally only the images that
+arrived in [``since``, ``until``) (:func:`vaekit.serving.capture.load_captures`).
+
 Steps, each recorded in ``OUT/pipeline.json`` so that running the same command again continues
 where a crash stopped it and repeats nothing that finished (a scheduler the user already has,
 cron or a Kubernetes CronJob, can call it):
@@ -44,7 +49,7 @@ from vaekit.data.dataset import ImageSplit
 from vaekit.data.shards import load_split, write_shard
 from vaekit.deploy.apply import start_canary
 from vaekit.deploy.suite import SuitePolicy, gate, run_suite
-from vaekit.errors import ConfigError, VaekitError, describe
+from vaekit.errors import ConfigError, InputError, VaekitError, describe
 
 Kind = Literal["incremental", "full", "emergency"]
 KINDS = ("incremental", "full", "emergency")
@@ -77,6 +82,9 @@ class PipelineConfig:
     canary: bool = True  # point NAME@canary at the registered candidate
     seed: int = 0
     overrides: tuple[str, ...] = ()  # extra run-config overrides (key=value), e.g. train.threads=1
+    store: str | None = None  # record-store URI: read ``data`` (a capture folder) through its capture index
+    since: float | None = None  # with ``store``: only images that arrived at or after this Unix time
+    until: float | None = None  # ... and before this one
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -89,6 +97,15 @@ class PipelineConfig:
             v = getattr(self, key)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ConfigError(f"{key} must be a positive integer, got {describe(v)}")
+        if (self.since is not None or self.until is not None) and self.store is None:
+            raise ConfigError(f"since / until (got {self.since!r}, {self.until!r}) select from the capture index: "
+                              "give store (the record-store URI the service's capture writes its index to)")
+        for key in ("since", "until"):
+            v = getattr(self, key)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v)):
+                raise ConfigError(f"{key} must be Unix seconds (a finite number) or None, got {describe(v)}")
+        if self.since is not None and self.until is not None and self.until <= self.since:
+            raise ConfigError(f"until must be later than since, got since={self.since} until={self.until}")
         if self.lr is not None and (isinstance(self.lr, bool) or not isinstance(self.lr, int | float)
                                     or not 0 < self.lr < 1):
             raise ConfigError(f"lr must be a number in (0, 1), got {describe(self.lr)}")
@@ -161,7 +178,9 @@ class Pipeline:
     def _load_state(self) -> dict[str, Any]:
         if self.state_file.is_file():
             state = json.loads(self.state_file.read_text())
-            if state.get("config") != self._config_doc():
+            stored, current = state.get("config") or {}, self._config_doc()
+            # a setting added since that pipeline started, left at None, is the same pipeline
+            if {k: v for k, v in current.items() if k in stored or v is not None} != stored:
                 raise PipelineError(f"{self.folder} holds a pipeline with other settings; use another --out or "
                                     "remove the folder to start afresh")
             return state
@@ -203,7 +222,7 @@ class Pipeline:
     def validate(self) -> dict[str, Any]:
         c = self.config
         prod = self._production()
-        split = load_split(c.data)
+        split = self._captured()
         if c.kind == "emergency" and len(split) > c.recent:  # shards are in capture order: the newest last
             split = ImageSplit(split.images[-c.recent:], split.labels[-c.recent:])
         model_cfg = prod.run_config.get("model", {})
@@ -227,6 +246,23 @@ class Pipeline:
         return {"summary": f"kept {report['kept']} of {report['images']} images (quarantined "
                            f"{report['quarantined']}); {len(train)} to train on, {len(held)} held out",
                 "report": report, "train_images": len(train), "held_out": len(held), "data_snapshot": snapshot}
+
+    def _captured(self) -> ImageSplit:
+        """The captured images: ``data`` as a split spec, or (with ``store``) the capture folder's shards
+        listed by the store's index in the window [since, until), in capture order."""
+        c = self.config
+        if c.store is None:
+            return load_split(c.data)
+        from vaekit.monitoring.store import RecordStore
+        from vaekit.serving.capture import load_captures
+
+        store = RecordStore(c.store)
+        try:
+            return load_captures(store, c.data, model=c.name, start=c.since, end=c.until)
+        except InputError as exc:
+            raise PipelineError(f"nothing to retrain on: {exc}") from exc
+        finally:
+            store.close()
 
     def _run_config(self, prod: Any) -> Any:
         from vaekit.training.config import load_run_config, run_config_from_dict

@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -94,11 +94,15 @@ class Monitor:
     records scored per iteration; ``min_requests``: fewer accepted records than this in a window
     and the group is not scored (no events: missing data neither raises nor resolves);
     ``rules``: the alert rules; ``sinks``: objects with ``emit(alerts)`` (and optionally
-    ``observe(results, version)``, as PrometheusSink); ``alpha``: the detectors' level.
+    ``observe(results, version)``, as PrometheusSink); ``alpha``: the detectors' level;
+    ``hooks``: callables ``hook(monitor, iteration)`` run after each iteration, once its events are
+    stored and sent (e.g. :class:`vaekit.deploy.trigger.RetrainTrigger`; a hook that raises is
+    logged and listed in the iteration's ``sink_errors``, like a sink).
     """
 
     def __init__(self, store: Any, registry: Any, model: str, *, window_s: float = 300.0, min_requests: int = 200,
-                 rules: Sequence[Rule] | None = None, sinks: Sequence[Any] = (), alpha: float = 0.01):
+                 rules: Sequence[Rule] | None = None, sinks: Sequence[Any] = (), alpha: float = 0.01,
+                 hooks: Sequence[Callable[[Monitor, Iteration], Any]] = ()):
         from vaekit.monitoring.store import RecordStore
         from vaekit.registry import ModelRegistry
 
@@ -120,6 +124,9 @@ class Monitor:
         self.registry = ModelRegistry(registry) if isinstance(registry, str) else registry
         self.model, self.window_s, self.min_requests = model, float(window_s), int(min_requests)
         self.rules, self.sinks, self.alpha = rules, list(sinks), float(alpha)
+        if not all(callable(h) for h in hooks):
+            raise InputError(f"every hook must be callable as hook(monitor, iteration), got {describe(list(hooks))}")
+        self.hooks = list(hooks)
         self._detectors: dict[str, dict[str, Detector]] = {}  # version -> fitted detectors
         self.skipped: dict[str, dict[str, str]] = {}  # version -> detector -> why it is not run
         self.state: dict[str, AlertState] = rebuild_state(self.store.alert_events(model, limit=10**9))
@@ -192,6 +199,13 @@ class Monitor:
                 msg = f"{type(sink).__name__}: {type(exc).__name__}: {exc}"
                 it.sink_errors.append(msg)
                 log.error("monitor: sink failed: %s", msg)
+        for hook in self.hooks:
+            try:
+                hook(self, it)
+            except Exception as exc:  # a hook's fault must not stop the monitor
+                it.sink_errors.append(f"hook {getattr(hook, '__name__', type(hook).__name__)}: "
+                                      f"{type(exc).__name__}: {exc}")
+                log.exception("monitor: hook failed")
         self.iterations += 1
         if events:
             log.info("monitor: %d alert event(s) in window %s .. %s", len(events), iso(start), iso(end))

@@ -11,6 +11,11 @@ arrays the drift detectors score (:class:`vaekit.monitoring.reference.Window`);
 :meth:`~RecordStore.rollups` gives 5-minute buckets (count, means, p99 of the reconstruction
 error, gate rejections); :meth:`~RecordStore.join` puts the production and shadow records of one
 request id side by side; :meth:`~RecordStore.retain` deletes rows older than a retention period.
+
+The capture index (``monitor_captures``): one row per image shard the service's request capture
+wrote (:mod:`vaekit.serving.capture`), with its path, image count, the arrival times of its first
+and last image, model and version, so a pipeline can list the shards of a time window
+(:meth:`~RecordStore.captures`) and retention can delete old ones.
 """
 
 from __future__ import annotations
@@ -105,6 +110,20 @@ results = Table(
     Column("drifted", Boolean, nullable=False),
     Column("n", Integer, nullable=False),
     Index("ix_monitor_results_model_at", "model", "at"),
+)
+
+# the capture index: one row per shard of captured request images (vaekit.serving.capture)
+captures = Table(
+    "monitor_captures", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("path", Text, nullable=False),  # the shard file (absolute path)
+    Column("model", String(128), nullable=False),
+    Column("version", String(64), nullable=False),
+    Column("count", Integer, nullable=False),  # images in the shard
+    Column("first_time", Float, nullable=False),  # Unix seconds the shard's first image arrived
+    Column("last_time", Float, nullable=False),  # ... and its last
+    Column("created", Float, nullable=False),  # Unix seconds the shard was written
+    Index("ix_monitor_captures_model_time", "model", "first_time"),
 )
 
 COLUMNS = [c.name for c in records.columns if c.name != "id"]
@@ -223,6 +242,56 @@ class RecordStore:
         def write() -> int:
             with self.engine.begin() as conn:
                 return conn.execute(delete(records).where(records.c.time < cutoff)).rowcount
+
+        return run_with_retry(write)
+
+    # -- the capture index ---------------------------------------------------------------------
+    def add_capture(self, path: str, model: str, version: str, count: int, first_time: float, last_time: float,
+                    created: float | None = None) -> int:
+        """Index one shard of captured images (``count`` images that arrived in [first_time, last_time],
+        Unix seconds); returns the row id."""
+        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+            raise InputError(f"count must be a positive integer (images in the shard), got {describe(count)}")
+        if not (math.isfinite(first_time) and math.isfinite(last_time)) or last_time < first_time:
+            raise InputError(f"first_time and last_time must be finite Unix seconds with first_time <= last_time, "
+                             f"got {first_time!r} and {last_time!r}")
+        row = {"path": str(path), "model": str(model), "version": str(version), "count": count,
+               "first_time": float(first_time), "last_time": float(last_time),
+               "created": time.time() if created is None else float(created)}
+
+        def write() -> int:
+            with self.engine.begin() as conn:
+                return int(conn.execute(insert(captures).values(**row)).inserted_primary_key[0])
+
+        return run_with_retry(write)
+
+    def captures(self, model: str | None = None, version: str | None = None, start: float | None = None,
+                 end: float | None = None) -> list[dict[str, Any]]:
+        """Indexed capture shards, in capture order (first image's arrival, then id), that hold images
+        which arrived in [start, end): ``last_time >= start`` and ``first_time < end``."""
+        c = captures.c
+        conds = []
+        if model is not None:
+            conds.append(c.model == str(model))
+        if version is not None:
+            conds.append(c.version == str(version))
+        if start is not None:
+            conds.append(c.last_time >= float(start))
+        if end is not None:
+            conds.append(c.first_time < float(end))
+        q = select(captures).where(*conds).order_by(c.first_time, c.id)
+        with reader(self.engine).connect() as conn:
+            return [dict(r._mapping) for r in conn.execute(q)]
+
+    def delete_captures(self, ids: Iterable[int]) -> int:
+        """Remove index rows by id (the caller deletes the files); returns how many were removed."""
+        ids = [int(i) for i in ids]
+        if not ids:
+            return 0
+
+        def write() -> int:
+            with self.engine.begin() as conn:
+                return conn.execute(delete(captures).where(captures.c.id.in_(ids))).rowcount
 
         return run_with_retry(write)
 

@@ -233,6 +233,13 @@ class ModelService:
     bounded queue (``shadow_queue``; drops counted in ``shadow_dropped``); the shadow's records
     carry ``route="shadow"`` and the request's id. Pass ``canary=False`` / ``shadow=False`` to
     turn either off.
+
+    Capture (:mod:`vaekit.serving.capture`): ``capture`` (a :class:`~vaekit.serving.capture.Capture`,
+    or a folder: a Capture there indexed in ``store``, with ``capture_share`` (0.1) and
+    ``capture_options``, further Capture keyword arguments) keeps the images of that share of the
+    requests the gate accepted on the production route (encode, reconstruct, score), chosen by a
+    hash of the request id, as shards; the work runs on the records thread and ``close()`` writes
+    what is buffered.
     """
 
     def __init__(self, source: str | ModelSource, *, name: str | None = None, registry: Any = None,
@@ -242,7 +249,8 @@ class ModelService:
                  threads: int | None = None, warmup: bool = True, gate: bool = True, min_variance: float = 0.01,
                  hist_threshold: float | None = None, store: Any = None, record_interval_s: float = 0.05,
                  record_queue: int = 10_000, routing: Any = None, canary: Any = None, shadow: Any = None,
-                 shadow_queue: int = 1024):
+                 shadow_queue: int = 1024, capture: Any = None, capture_share: float = 0.1,
+                 capture_options: dict[str, Any] | None = None):
         check_positive("max_batch_size", max_batch_size, integer=True)
         check_positive("max_wait_ms", max_wait_ms, allow_zero=True)
         check_positive("latent_norm_limit", latent_norm_limit)
@@ -290,6 +298,7 @@ class ModelService:
                                   f"{describe(store)}")
         self.store = store
         self.sink = TeeSink(sink, store) if sink is not None and store is not None else (sink or store)
+        self.capture = self._make_capture(capture, capture_share, capture_options)
         self._post: RecordDispatcher | None = None  # observers + records, on one background thread
         # side routes: route -> source (None: that route is off); deployments live in self._sides
         self._side_sources: dict[str, ModelSource | None] = {
@@ -339,6 +348,8 @@ class ModelService:
             self._shadow_thread.join(10)
         if self._post is not None:
             self._post.close()
+        if self.capture is not None:  # after the dispatcher: its last batches may still offer images
+            self.capture.close()
         if self._own_store is not None:
             self._own_store.close()
 
@@ -379,6 +390,28 @@ class ModelService:
         """Write every queued record now (tests; ``close`` does it too)."""
         if self._post is not None:
             self._post.flush()
+
+    def flush_capture(self) -> None:
+        """Hand every queued batch to the capture, then write its buffer as a shard (tests, a replay
+        that wants a shard boundary at a given time; ``close`` does it too)."""
+        self.flush_records()
+        if self.capture is not None:
+            self.capture.flush()
+
+    def _make_capture(self, capture: Any, share: float, options: dict[str, Any] | None) -> Any:
+        """The Capture for the ``capture`` argument (see the class docstring); None when it is None."""
+        if capture is None:
+            return None
+        from vaekit.serving.capture import Capture
+
+        if isinstance(capture, Capture):
+            return capture
+        if not isinstance(capture, str | os.PathLike):
+            raise ConfigError(f"capture must be a folder or a vaekit.serving.capture.Capture, got {describe(capture)}")
+        if self.store is None:
+            raise ConfigError(f"capture={str(capture)!r} needs a record store (store=URI): the capture index and its "
+                              "retention live there")
+        return Capture(capture, self.store, share=share, **(options or {}))
 
     @property
     def canary(self) -> Deployment | None:
@@ -737,13 +770,29 @@ class ModelService:
             res.latency_s = now - job.submitted
             job.future.set_result(res)
         batch = sum(r.n for r in results)
-        if self._post is not None and (self.observers or self.sink is not None):
-            self._post.submit(lambda: self._after(results, batch))
+        captured = self._to_capture(dep, jobs)
+        if self._post is not None and (self.observers or self.sink is not None or captured):
+            self._post.submit(lambda: self._after(results, batch, captured))
 
-    def _after(self, results: list[Result], batch: int) -> list[RequestRecord]:
-        """Runs on the records thread: the metrics observers, then the request records for the sink."""
+    def _to_capture(self, dep: Deployment, jobs: list[Job]) -> list[tuple[str, str, str, torch.Tensor, float]]:
+        """(name, version, request id, x (n, C, H, W), arrival) of this batch's requests the capture
+        keeps: accepted by the gate (they got here), on the production route, an inspecting endpoint."""
+        cap, first = self.capture, jobs[0].payload
+        if cap is None or first.endpoint not in INSPECTING or first.route != "production":
+            return []
+        return [(dep.name, dep.version, j.payload.request_id, j.payload.x, j.payload.arrived) for j in jobs
+                if cap.selected(j.payload.request_id)]
+
+    def _after(self, results: list[Result], batch: int,
+               captured: list[tuple[str, str, str, torch.Tensor, float]] = ()) -> list[RequestRecord]:
+        """Runs on the records thread: the metrics observers, the capture, then the request records for the sink."""
         for fn in self.observers:
             fn(results, batch)
+        for name, version, rid, x, arrived in captured:
+            try:
+                self.capture.offer(name, version, rid, x, arrived)
+            except Exception:  # a capture fault must not cost the records
+                log.exception("%s: capture of request %s failed", self.name, rid)
         return [rec for r in results for rec in _records(r)] if self.sink is not None else []
 
     def _compute(self, dep: Deployment, payloads: list[_Payload]) -> list[Result]:
@@ -896,7 +945,8 @@ class ModelService:
                              "shadow_served": self.shadow_served, "shadow_dropped": self.shadow_dropped,
                              "shadow_errors": self.shadow_errors},
                     records={"written": self.records_written, "dropped": self.records_dropped,
-                             "store": getattr(self.store, "uri", None)})
+                             "store": getattr(self.store, "uri", None)},
+                    capture=self.capture.describe() if self.capture is not None else None)
         return info
 
 
