@@ -15,11 +15,13 @@ as ``.npy`` bytes (the same bytes for every server). The floor is ``model.inspec
 runs) and ``model.encode`` at batch 1 in this process, 1 thread. Weights are random (latency does
 not depend on them). Writes bench/results/serve.json; prints a table.
 
-``--shadow``: the MLP model served by the vaekit app with no shadow (``vaekit``) and with a shadow
-(``vaekit-shadow``: a second MLP of the same size gets a copy of every request, ``shadow_share`` 1,
-on the service's background shadow thread), the two servers measured in alternating cells
-(``--rounds`` each, so a change in the machine's load hits both) at each concurrency; the added p99
-is the median over rounds of (p99 with shadow - p99 without). Writes bench/results/serve_shadow.json.
+``--shadow``: the MLP model served by the vaekit app, every server writing its records to a SQLite
+store: with no shadow (``vaekit-store``), with a shadow on the service's background thread
+(``vaekit-shadow``: a second MLP of the same size gets a copy of every request, ``shadow_share`` 1)
+and with the shadow in its own process (``vaekit-shadowproc``, ``shadow_process=True``); the
+servers measured in rotating cells (``--rounds`` each, so a change in the machine's load hits all)
+at each concurrency; the added p99 is the median over rounds of (p99 with the shadow - p99
+without). Writes bench/results/serve_shadow.json.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ MODELS = {
     "conv": {"latent_dim": 20, "architecture": "conv", "conv_channels": [32, 64], "hidden_sizes": [256]},
 }
 SERVERS = ("vaekit", "vaekit-nobatch", "bare")
+SHADOW_SERVERS = ("vaekit-store", "vaekit-shadow", "vaekit-shadowproc")  # --shadow: the baseline first
 
 
 # -- the servers (run in child processes) ----------------------------------------------------------------
@@ -86,9 +89,13 @@ def run_server(kind: str, model_dir: str, port: int) -> None:
     else:
         from vaekit.serving import FolderSource, ModelService, create_app
 
-        shadow = FolderSource(model_dir + "-shadow", name="m") if kind == "vaekit-shadow" else False
+        shadowed = kind in ("vaekit-shadow", "vaekit-shadowproc")
+        shadow = FolderSource(model_dir + "-shadow", name="m") if shadowed else False
+        # the --shadow servers all write their records to a SQLite store, as a deployment with a shadow does
+        store = f"sqlite:///{model_dir}-{kind}.db" if kind in SHADOW_SERVERS else None
         svc = ModelService(model_dir, name="m", device="cpu", threads=1,
-                           max_batch_size=1 if kind == "vaekit-nobatch" else 16, max_wait_ms=2.0, shadow=shadow)
+                           max_batch_size=1 if kind == "vaekit-nobatch" else 16, max_wait_ms=2.0, shadow=shadow,
+                           store=store, shadow_process=kind == "vaekit-shadowproc")
         svc.start()
         app = create_app(svc)
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
@@ -292,14 +299,15 @@ def shadow_main(args: argparse.Namespace) -> int:
         body.write_bytes(buf.getvalue())
         procs, ports = {}, {}
         try:
-            for kind in ("vaekit", "vaekit-shadow"):
+            for kind in SHADOW_SERVERS:
                 ports[kind] = free_port()
                 procs[kind] = subprocess.Popen([sys.executable, __file__, "--server", kind, "--model-dir", str(mdir),
                                                 "--port", str(ports[kind])], env=env)
                 wait_ready(ports[kind], procs[kind])
             for c in levels:
                 for r in range(args.rounds):
-                    for kind in (("vaekit", "vaekit-shadow") if r % 2 == 0 else ("vaekit-shadow", "vaekit")):
+                    order = SHADOW_SERVERS[r % 3:] + SHADOW_SERVERS[:r % 3]  # each server first in turn
+                    for kind in order:
                         out = subprocess.run([sys.executable, __file__, "--load", "--port", str(ports[kind]),
                                               "--body", str(body), "--concurrency", str(c), "--duration",
                                               str(args.duration), "--warmup", str(args.warmup)], env=env,
@@ -307,24 +315,27 @@ def shadow_main(args: argparse.Namespace) -> int:
                                              timeout=args.duration + args.warmup + 60, check=True)
                         cell = {"server": kind, "round": r, **json.loads(out.stdout.strip().splitlines()[-1])}
                         doc["cells"].append(cell)
-                        print(f"c={c:<3d} round {r} {kind:14s} p50={cell['p50_ms']:.3f} p99={cell['p99_ms']:.3f} "
+                        print(f"c={c:<3d} round {r} {kind:17s} p50={cell['p50_ms']:.3f} p99={cell['p99_ms']:.3f} "
                               f"req/s={cell['throughput_rps']} errors={cell['errors']}", flush=True)
         finally:
             for p in procs.values():
                 p.terminate()
                 p.wait(10)
-    for c in levels:
+    for kind in SHADOW_SERVERS[1:]:
         for q in ("p99", "p50"):
-            diffs = []
-            for r in range(args.rounds):
-                on, off = ([x for x in doc["cells"] if x["concurrency"] == c and x["round"] == r
-                            and x["server"] == kind][0] for kind in ("vaekit-shadow", "vaekit"))
-                diffs.append(round(on[f"{q}_ms"] - off[f"{q}_ms"], 3))
-            doc[f"added_{q}_ms"][str(c)] = {"per_round": diffs, "median": statistics.median(diffs)}
+            per_c = doc[f"added_{q}_ms"].setdefault(kind, {})
+            for c in levels:
+                diffs = []
+                for r in range(args.rounds):
+                    on, off = ([x for x in doc["cells"] if x["concurrency"] == c and x["round"] == r
+                                and x["server"] == k][0] for k in (kind, "vaekit-store"))
+                    diffs.append(round(on[f"{q}_ms"] - off[f"{q}_ms"], 3))
+                per_c[str(c)] = {"per_round": diffs, "median": statistics.median(diffs)}
     doc["machine"]["loadavg_after"] = os.getloadavg()
-    print("\nadded by the shadow (ms, median over rounds):",
-          json.dumps({c: v["median"] for c, v in doc["added_p99_ms"].items()}), "p99;",
-          json.dumps({c: v["median"] for c, v in doc["added_p50_ms"].items()}), "p50")
+    for kind in SHADOW_SERVERS[1:]:
+        print(f"\nadded by {kind} (ms, median over rounds):",
+              json.dumps({c: v["median"] for c, v in doc["added_p99_ms"][kind].items()}), "p99;",
+              json.dumps({c: v["median"] for c, v in doc["added_p50_ms"][kind].items()}), "p50")
     out_path = Path(args.out or SHADOW_RESULTS)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps(doc, indent=2) + "\n")

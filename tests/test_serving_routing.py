@@ -19,6 +19,7 @@ from test_serving import images, npy, save_model
 from vaekit.deploy.apply import apply_decision
 from vaekit.deploy.policy import Decision
 from vaekit.deploy.routing import RoutingPolicy
+from vaekit.errors import ConfigError
 from vaekit.models import load_model
 from vaekit.monitoring.store import RecordStore
 from vaekit.registry import ModelRegistry
@@ -196,3 +197,55 @@ def test_the_shadow_share_mirrors_exactly_the_requests_the_policy_picks(registry
             time.sleep(0.02)
         assert svc.shadow_served == want and svc.shadow_dropped == 0
     assert abs(want - 60) <= 4 * math.sqrt(200 * 0.3 * 0.7)
+
+
+def _wait_for(cond, timeout: float = 60.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not cond() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return cond()
+
+
+def test_a_shadow_process_writes_the_same_records_and_follows_its_alias(registry, tmp_path):
+    registry.set_alias("mnist", "shadow", 3, reason="shadow 3")
+    uri = f"sqlite:///{tmp_path / 'records.db'}"
+    x = images(2, seed=5)
+    with ModelService("mnist@production", registry=registry, canary=False, store=uri, shadow_process=True,
+                      poll_interval_s=0.2) as svc:
+        proc = svc._shadow_proc
+        assert proc is not None and proc.alive
+        for i in range(10):
+            assert svc.score(x, request_id=f"p{i}").version == "1"
+        assert _wait_for(lambda: svc.store.count(route="shadow") == 20)  # the child wrote them itself
+        registry.set_alias("mnist", "shadow", 2, reason="shadow 2")
+        assert _wait_for(lambda: svc.shadow is not None and svc.shadow.version == "2")
+        time.sleep(0.5)  # the child was told to reload; it also polls its own source
+        svc.score(x, request_id="after")
+        assert _wait_for(lambda: len(svc.store.join("after").get("shadow", [])) == 2)
+        info = svc.describe()["routing"]["shadow_process"]
+        assert info["alive"] and info["sent"] >= 22 and info["errors"] == 0
+    store = RecordStore(uri)
+    joined = store.join("p4")
+    assert [r["version"] for r in joined["shadow"]] == ["3", "3"]
+    ins = load_model(registry.get("mnist/3").artifact_path).eval().inspect(torch.from_numpy(x))
+    assert [r["recon_nats"] for r in joined["shadow"]] == pytest.approx(ins.recon_nats.tolist(), rel=1e-5)
+    assert [r["pixel_var"] for r in joined["shadow"]] == [r["pixel_var"] for r in joined["production"]]
+    assert [r["version"] for r in store.join("after")["shadow"]] == ["2", "2"]
+    assert not proc.alive  # close() stopped it
+    store.close()
+
+
+def test_a_killed_shadow_process_leaves_production_serving(registry, tmp_path):
+    registry.set_alias("mnist", "shadow", 3, reason="shadow 3")
+    with ModelService("mnist@production", registry=registry, canary=False,
+                      store=f"sqlite:///{tmp_path / 'records.db'}", shadow_process=True) as svc:
+        proc = svc._shadow_proc
+        proc.process.kill()
+        proc.process.join(10)
+        for i in range(30):
+            assert svc.score(images(1, seed=i), request_id=f"k{i}").version == "1"
+        assert _wait_for(lambda: proc.errors > 0, 10)  # counted, never raised into a request
+        store = svc.store
+    assert store.count(route="production") == 30 and store.count(route="shadow") == 0
+    with pytest.raises(ConfigError, match="record-store URI"):
+        ModelService("mnist@production", registry=registry, shadow_process=True)

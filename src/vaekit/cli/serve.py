@@ -48,6 +48,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    "while NAME@canary is set (default 0.05)")
     p.add_argument("--shadow-share", type=float, default=1.0, help="share of requests mirrored to NAME@shadow "
                    "while it is set (default 1)")
+    p.add_argument("--shadow-process", action="store_true", help="run NAME@shadow in its own process (needs "
+                   "--store; it writes the shadow's records there): production no longer shares its interpreter "
+                   "with the shadow's model")
     p.add_argument("--capture-dir", metavar="DIR", help="keep a share of the accepted production requests' images "
                    "as .npz shards in DIR, indexed in the --store (the retrain pipelines' --data)")
     p.add_argument("--capture-share", type=float, default=0.1, help="share of requests captured, chosen by a hash "
@@ -96,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
            "store": args.store, "gate": not args.no_gate, "min_variance": args.min_variance,
            "hist_threshold": args.hist_threshold, "canary_share": args.canary_share,
            "shadow_share": args.shadow_share, "capture_dir": args.capture_dir, "capture_share": args.capture_share,
-           "capture_options": capture_options(args)}
+           "capture_options": capture_options(args), "shadow_process": args.shadow_process}
     common = dict(host=args.host, port=args.port, log_level=args.log_level, access_log=args.access_log)
     from vaekit.serving.sources import RegistrySource, resolve_source
 
@@ -117,7 +120,8 @@ def run(args: argparse.Namespace) -> int:
                            sink=JsonlSink(args.records) if args.records else None, store=args.store,
                            gate=not args.no_gate, min_variance=args.min_variance,
                            hist_threshold=args.hist_threshold, routing=_routing(cfg), capture=args.capture_dir,
-                           capture_share=args.capture_share, capture_options=cfg["capture_options"])
+                           capture_share=args.capture_share, capture_options=cfg["capture_options"],
+                           shadow_process=args.shadow_process)
     # uvicorn turns SIGTERM / SIGINT into a graceful shutdown: it stops accepting, lets requests in
     # flight finish, then the app's lifespan closes the service, which writes every queued record
     service.start()  # load and warm up before binding: a bad model fails here with its error

@@ -480,7 +480,8 @@ def app_from_env() -> FastAPI:
                        sink=_sink(cfg.get("records")), store=cfg.get("store"), gate=cfg.get("gate", True),
                        min_variance=cfg.get("min_variance", 0.01), hist_threshold=cfg.get("hist_threshold"),
                        routing=_routing(cfg), capture=cfg.get("capture_dir"),
-                       capture_share=cfg.get("capture_share", 0.1), capture_options=cfg.get("capture_options"))
+                       capture_share=cfg.get("capture_share", 0.1), capture_options=cfg.get("capture_options"),
+                       shadow_process=cfg.get("shadow_process", False))
     return create_app(svc, max_body_bytes=cfg.get("max_body_bytes", DEFAULT_MAX_BODY))
 
 

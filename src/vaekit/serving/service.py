@@ -232,7 +232,9 @@ class ModelService:
     and mirrors its ``shadow_share`` of requests to the shadow on a background thread behind a
     bounded queue (``shadow_queue``; drops counted in ``shadow_dropped``); the shadow's records
     carry ``route="shadow"`` and the request's id. Pass ``canary=False`` / ``shadow=False`` to
-    turn either off.
+    turn either off. ``shadow_process=True`` runs the shadow's model in a child process that
+    writes its records to ``store`` (a URI) itself (:mod:`vaekit.serving.shadow_process`): the
+    service's thread then only hands it the inputs.
 
     Capture (:mod:`vaekit.serving.capture`): ``capture`` (a :class:`~vaekit.serving.capture.Capture`,
     or a folder: a Capture there indexed in ``store``, with ``capture_share`` (0.1) and
@@ -250,7 +252,7 @@ class ModelService:
                  hist_threshold: float | None = None, store: Any = None, record_interval_s: float = 0.05,
                  record_queue: int = 10_000, routing: Any = None, canary: Any = None, shadow: Any = None,
                  shadow_queue: int = 1024, capture: Any = None, capture_share: float = 0.1,
-                 capture_options: dict[str, Any] | None = None):
+                 capture_options: dict[str, Any] | None = None, shadow_process: bool = False):
         check_positive("max_batch_size", max_batch_size, integer=True)
         check_positive("max_wait_ms", max_wait_ms, allow_zero=True)
         check_positive("latent_norm_limit", latent_norm_limit)
@@ -297,6 +299,11 @@ class ModelService:
                 raise ConfigError(f"store must be a record-store URI or an object with write(records), got "
                                   f"{describe(store)}")
         self.store = store
+        self.shadow_process = bool(shadow_process)
+        self._shadow_proc: Any = None  # vaekit.serving.shadow_process.ShadowProcess, once started
+        if self.shadow_process and not isinstance(getattr(store, "uri", None), str):
+            raise ConfigError("shadow_process=True needs store= a record-store URI (the shadow process writes "
+                              f"its records there itself), got store={describe(store)}")
         self.sink = TeeSink(sink, store) if sink is not None and store is not None else (sink or store)
         self.capture = self._make_capture(capture, capture_share, capture_options)
         self._post: RecordDispatcher | None = None  # observers + records, on one background thread
@@ -330,6 +337,13 @@ class ModelService:
         self._post = RecordDispatcher(self.sink if self.sink is not None else _NullSink(), max_queue=self.record_queue,
                                       interval_s=self.record_interval_s)
         if self._side_sources["shadow"] is not None:
+            if self.shadow_process:
+                from vaekit.serving.shadow_process import ShadowProcess, source_spec
+
+                self._shadow_proc = ShadowProcess(
+                    shadow_child_main, source_spec(self._side_sources["shadow"]), self.store.uri,
+                    device=str(self.device), threads=self.threads, poll_interval_s=self.poll_interval_s,
+                    latent_norm_limit=self.latent_norm_limit)
             self._shadow_thread = threading.Thread(target=self._shadow_loop, name="vaekit-shadow", daemon=True)
             self._shadow_thread.start()
         self._batcher = MicroBatcher(self._run_batch, self.max_batch_size, self.max_wait_ms,
@@ -346,6 +360,8 @@ class ModelService:
             self._batcher.close()
         if self._shadow_thread is not None:
             self._shadow_thread.join(10)
+        if self._shadow_proc is not None:  # before the store closes: the child writes what it was sent
+            self._shadow_proc.close()
         if self._post is not None:
             self._post.close()
         if self.capture is not None:  # after the dispatcher: its last batches may still offer images
@@ -465,6 +481,8 @@ class ModelService:
         new = self._load(src)
         self._sides[route] = new
         log.info("%s: %s now %s (was %s)", self.name, route, new.version, current.version if current else None)
+        if route == "shadow" and self._shadow_proc is not None:
+            self._shadow_proc.reload()
         return True
 
     # -- loading and swapping ----------------------------------------------------------------------
@@ -880,14 +898,20 @@ class ModelService:
         while True:
             stopping = self._stop.wait(self.SHADOW_INTERVAL_S)
             while self._shadow_q:
-                self._wait_for_idle_production()
+                proc = self._shadow_proc
+                if proc is None:  # a model call here shares the interpreter with production: wait for a gap
+                    self._wait_for_idle_production()
                 batch: list[tuple[_Payload, float]] = []
                 n = 0
                 while self._shadow_q and n < self.SHADOW_BATCH:
                     item = self._shadow_q.popleft()
                     batch.append(item)
                     n += item[0].n
-                self._run_shadow(batch)
+                if proc is None:
+                    self._run_shadow(batch)
+                else:
+                    proc.send(batch)
+                    self.shadow_served += n
             if stopping:
                 return
 
@@ -943,7 +967,8 @@ class ModelService:
                              "canary_source": getattr(self._side_sources["canary"], "reference", None),
                              "shadow_source": getattr(self._side_sources["shadow"], "reference", None),
                              "shadow_served": self.shadow_served, "shadow_dropped": self.shadow_dropped,
-                             "shadow_errors": self.shadow_errors},
+                             "shadow_errors": self.shadow_errors,
+                             "shadow_process": self._shadow_proc.describe() if self._shadow_proc else None},
                     records={"written": self.records_written, "dropped": self.records_dropped,
                              "store": getattr(self.store, "uri", None)},
                     capture=self.capture.describe() if self.capture is not None else None)
@@ -1020,3 +1045,36 @@ def _example_condition(model: BaseModel) -> Callable[[int], torch.Tensor | None]
     if c.condition == "class":
         return lambda b: torch.zeros(b, dtype=torch.long, device=model.device)
     return lambda b: torch.zeros(b, c.cond_size, device=model.device, dtype=model.dtype)
+
+
+def shadow_child_main(conn: Any, spec: tuple[Any, ...], store_uri: str, options: dict[str, Any]) -> None:
+    """The shadow process (:mod:`vaekit.serving.shadow_process`): a ModelService of the shadow source
+    whose ``_run_shadow`` serves what the parent sends, so its records are the thread's records."""
+    import pickle
+
+    from vaekit.serving.shadow_process import RELOAD, open_source
+
+    with contextlib.suppress(OSError):
+        os.nice(options["nice"])
+    svc = ModelService(open_source(spec), device=options["device"], store=store_uri, gate=False, canary=False,
+                       shadow=False, threads=options["threads"], poll_interval_s=options["poll_interval_s"],
+                       latent_norm_limit=options["latent_norm_limit"], max_batch_size=1)
+    svc.start()
+    try:
+        while True:
+            try:
+                msg = pickle.loads(conn.recv_bytes())
+            except EOFError:  # the service is gone
+                break
+            if msg is None:
+                break
+            if msg == RELOAD:
+                svc.reload()
+                continue
+            svc._sides["shadow"] = svc.deployment  # the child's production is the service's shadow
+            batch = [(_Payload(e, torch.from_numpy(x), None if y is None else torch.from_numpy(y), rid, arrived,
+                               None, n, "shadow", extra or {}), t)
+                     for e, x, y, rid, arrived, t, n, extra in msg]
+            svc._run_shadow(batch)
+    finally:
+        svc.close()
