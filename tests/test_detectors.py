@@ -13,6 +13,8 @@ from vaekit.errors import ConfigError, InputError, NotFittedError
 from vaekit.monitoring.detectors import (
     DetectorResult,
     ExceedanceDetector,
+    GateCounts,
+    GateRejectionDetector,
     InputStatsDetector,
     KSDetector,
     MMDDetector,
@@ -159,6 +161,50 @@ def test_mmd_detector_p_values_and_power():
     assert 0.2 < float(np.mean(ps)) < 0.8  # uniform p-values under no drift have mean 1/2
     with pytest.raises(ConfigError, match="n_permutations"):
         MMDDetector(n_permutations=50).fit(ref)
+
+
+# -- the gate's rejection share ------------------------------------------------------------------------
+def test_gate_rejection_share_needs_both_the_share_and_the_binomial_test():
+    det = GateRejectionDetector().fit()
+    assert det.baseline_rate_ == 0.002 and det.max_share == 0.01
+    # n = 500: 5 refused is 1 %, not more than 1 %; 6 is 1.2 % with P(K >= 6) far below alpha
+    assert not det.score(GateCounts(500, 5)).drifted
+    r = det.score(GateCounts(500, 6, {"low_variance": 6}))
+    assert r.drifted and r.statistic == pytest.approx(0.012) and r.threshold == 0.01
+    assert r.p_value == pytest.approx(1 - stats.binom.cdf(5, 500, 0.002), rel=1e-9)
+    assert r.p_value == pytest.approx(1 - sum(math.comb(500, j) * 0.002 ** j * 0.998 ** (500 - j) for j in range(6)))
+    # a big window: 0.9 % is far beyond the clean rate but not over 1 %: no alarm
+    big = det.score(GateCounts(100_000, 900))
+    assert big.p_value < 1e-100 and not big.drifted
+    # n = 200 at a clean rate of 1 %: the binomial test is what stops 3 refusals (1.5 %) alarming
+    lax = GateRejectionDetector(baseline_rate=0.01).fit()
+    assert not lax.score(GateCounts(200, 3)).drifted and GateRejectionDetector().fit().score(GateCounts(200, 3)).drifted
+    assert det.score(GateCounts(300, 0)).p_value == 1.0
+
+
+def test_gate_rejection_false_alarm_rate_is_bounded_at_the_baseline_rate():
+    """Exactly, from the binomial law: over windows of n images at a clean rate p <= baseline, the share of
+    alarms is P(K >= k*) for the smallest alarming k*, which must be <= alpha (and, simulated, is)."""
+    det = GateRejectionDetector().fit()
+    for n in (200, 500, 2000):
+        k_star = next(k for k in range(n + 1) if det.score(GateCounts(n, k)).drifted)
+        far = float(stats.binom.sf(k_star - 1, n, 0.002))
+        assert far <= 0.01
+        sim = np.random.default_rng(n).binomial(n, 0.002, size=20_000)
+        assert np.mean(sim >= k_star) == pytest.approx(far, abs=4 * math.sqrt(far / 20_000) + 1e-4)
+
+
+def test_gate_rejection_errors_name_the_value():
+    with pytest.raises(InputError, match="rejected must be <= n, got rejected=5, n=3"):
+        GateCounts(3, 5)
+    with pytest.raises(InputError, match="GateCounts.n must be an integer >= 0, got -1"):
+        GateCounts(-1, 0)
+    with pytest.raises(ConfigError, match="max_share must be a number in"):
+        GateRejectionDetector(max_share=1.5).fit()
+    with pytest.raises(NotFittedError):
+        GateRejectionDetector().score(GateCounts(10, 1))
+    with pytest.raises(InputError, match="GateCounts, got Window"):
+        GateRejectionDetector().fit().score(Window(latent=gaussian(5, 0)))
 
 
 # -- exceedance ---------------------------------------------------------------------------------------

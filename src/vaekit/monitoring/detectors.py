@@ -534,6 +534,78 @@ class RollingMeanDetector(Detector):
                                "span_s": self.period_s if window.timestamps is not None else None})
 
 
+@dataclass(frozen=True)
+class GateCounts:
+    """What the data-quality gate did to one window's images: ``n`` images seen (accepted and rejected),
+    ``rejected`` of them refused, ``by_reason`` the refusals per failed check (e.g. ``{"low_variance": 15}``).
+    From :meth:`vaekit.monitoring.store.RecordStore.gate_counts`."""
+
+    n: int
+    rejected: int
+    by_reason: dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for key in ("n", "rejected"):
+            v = getattr(self, key)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise InputError(f"GateCounts.{key} must be an integer >= 0, got {describe(v)}")
+        if self.rejected > self.n:
+            raise InputError(f"GateCounts.rejected must be <= n, got rejected={self.rejected}, n={self.n}")
+
+
+# the clean rejection share of the gate (docs/monitoring.md): MNIST test 0 / 10,000, Fashion-MNIST test 9 / 10,000
+# (99 % upper bounds 0.046 % and 0.17 %), rounded up: a share the gate may refuse of good traffic
+GATE_BASELINE_RATE = 0.002
+
+
+class GateRejectionDetector(Detector):
+    """The share of a window's images the data-quality gate refused (an image refused never reaches the
+    model, so no other detector sees it: all-black or corrupted uploads show up here only).
+
+    Drift when both (a) the share k / n exceeds ``max_share`` (1 %, the brief's "more than 1 % of
+    requests in a window") and (b) a one-sided binomial test of k against Binomial(n, ``baseline_rate``)
+    gives p = P(K >= k) < ``alpha``. (b) bounds the false-alarm rate by alpha whenever the gate's
+    rejection rate of good traffic is at most ``baseline_rate`` (default 0.2 %: the measured clean
+    rates, 0 % on MNIST and 0.09 % on Fashion-MNIST, with their 99 % upper bounds, rounded up);
+    (a) keeps a large window from alarming on a share that is significant but small. ``score``
+    takes :class:`GateCounts`, not a Window: a Window holds accepted images only.
+    """
+
+    name = "gate_rejections"
+    _fitted = ("baseline_rate_",)
+
+    def __init__(self, max_share: float = 0.01, alpha: float = 0.01, baseline_rate: float = GATE_BASELINE_RATE,
+                 min_n: int = 1, name: str | None = None):
+        self.max_share, self.alpha, self.baseline_rate, self.min_n = max_share, alpha, baseline_rate, min_n
+        if name is not None:
+            self.name = name
+
+    def fit(self, reference: Reference | None = None) -> Self:
+        """Validates the settings; the reference is not needed (the baseline rate is a setting)."""
+        _check_alpha(self.alpha)
+        _check_int("min_n", self.min_n, 1)
+        for key in ("max_share", "baseline_rate"):
+            v = getattr(self, key)
+            if isinstance(v, bool) or not isinstance(v, int | float) or not 0 <= v < 1:
+                raise ConfigError(f"{key} must be a number in [0, 1), got {describe(v)}")
+        self.baseline_rate_ = float(self.baseline_rate)
+        return self
+
+    def score(self, counts: GateCounts) -> DetectorResult:
+        self._check_fitted()
+        if not isinstance(counts, GateCounts):
+            raise InputError(f"counts must be a vaekit.monitoring.detectors.GateCounts, got {type(counts).__name__}")
+        if counts.n < self.min_n:
+            raise InputError(f"the window holds {counts.n} images, fewer than min_n={self.min_n} for {self.name}")
+        n, k = counts.n, counts.rejected
+        p = float(stats.binom(n, self.baseline_rate_).sf(k - 1)) if k > 0 else 1.0  # P(K >= k)
+        share = k / n
+        return DetectorResult(self.name, share, share > self.max_share and p < self.alpha, self.max_share, p, n,
+                              {"statistic": "share of the window's images refused by the gate", "rejected": k,
+                               "by_reason": dict(counts.by_reason), "baseline_rate": self.baseline_rate_,
+                               "alpha": self.alpha})
+
+
 def default_detectors(alpha: float = 0.01, kl: bool = True) -> dict[str, Detector]:
     """Every detector with its default settings, keyed by name (``kl=False`` for families without a KL)."""
     fields = ("recon_mse", "kl", "latent_norm") if kl else ("recon_mse", "latent_norm")

@@ -41,6 +41,7 @@ from sqlalchemy import (
 
 from vaekit.db import make_engine, reader, run_with_retry
 from vaekit.errors import InputError, VaekitError, describe
+from vaekit.monitoring.detectors import GateCounts
 from vaekit.monitoring.reference import Window
 
 SCHEMA_VERSION = 1
@@ -277,6 +278,21 @@ class RecordStore:
         if all(v is not None for v in lat):
             arrays["latent"] = np.array(lat, dtype=np.float64)
         return Window(**arrays)
+
+    def gate_counts(self, model: str, version: str | None = None, route: str | None = None,
+                    start: float | None = None, end: float | None = None) -> GateCounts:
+        """The gate's verdicts on the images of [start, end): how many, how many refused, and per reason."""
+        c = records.c
+        q = (select(c.accepted, c.reason, func.count()).select_from(records)
+             .where(*self._where(model, version, route, start, end, None)).group_by(c.accepted, c.reason))
+        n, by_reason = 0, {}
+        with reader(self.engine).connect() as conn:
+            for accepted, reason, count in conn.execute(q):
+                n += int(count)
+                if not accepted:
+                    key = str(reason or "unknown")
+                    by_reason[key] = by_reason.get(key, 0) + int(count)
+        return GateCounts(n, sum(by_reason.values()), by_reason)
 
     def rollups(self, model: str, period_s: float = 300.0, start: float | None = None,
                 end: float | None = None) -> list[dict[str, Any]]:
