@@ -24,7 +24,9 @@ from vaekit.monitoring.detectors import (
     aggregated_moments,
     default_detectors,
     latent_norm_detector,
+    mmd_from_blocks,
     mmd_from_kernel,
+    random_labellings,
     rbf_kernel,
     recon_error_detector,
     reference_offset_sd,
@@ -188,6 +190,19 @@ def test_mmd_permutation_test_has_level_alpha_on_exchangeable_data():
         rejected += det.score(Window(latent=win)).drifted
     lo, hi = stats.binom(trials, level).ppf([0.0005, 0.9995])  # a two-sided 99.9 % interval: [25, 68]
     assert lo <= rejected <= hi, (rejected, lo, hi)
+
+
+def test_mmd_block_form_equals_the_pooled_matrix_and_the_direct_formula():
+    x, y, bws = gaussian(14, 0), gaussian(9, 1, shift=0.3), (0.7, 1.4, 2.8)
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    labels = random_labellings(14, 9, 6, np.random.default_rng(0))  # (6, 23), 14 ones per row
+    assert labels.shape == (6, 23) and (labels.sum(1) == 14).all()
+    pooled = mmd_from_kernel(rbf_kernel(torch.cat([xt, yt]), torch.cat([xt, yt]), bws), labels, 3.0)
+    blocks = mmd_from_blocks(rbf_kernel(xt, xt, bws), rbf_kernel(xt, yt, bws), rbf_kernel(yt, yt, bws), labels, 3.0)
+    np.testing.assert_allclose(blocks.numpy(), pooled.numpy(), rtol=1e-12)
+    both = np.concatenate([x, y])
+    for row, got in zip(labels.numpy().astype(bool), blocks.numpy(), strict=True):
+        assert got == pytest.approx(direct_mmd2(both[row], both[~row], bws), rel=1e-10)
 
 
 def test_mmd_reference_offset_sd_matches_the_spread_of_the_exactly_centred_term():
