@@ -108,6 +108,22 @@ results = Table(
     Index("ix_monitor_results_model_at", "model", "at"),
 )
 
+# the scheduled FID job (monitoring/fid_watch.py): its calibrations and checks, per model version
+fid_table = Table(
+    "monitor_fid", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("at", Float, nullable=False),  # Unix seconds
+    Column("model", String(128), nullable=False),
+    Column("version", String(64), nullable=False),
+    Column("kind", String(16), nullable=False),  # calibration | check
+    Column("n_samples", Integer, nullable=False),
+    Column("fid", Float, nullable=False),  # check: the samples' FID; calibration: the baseline version's mean FID
+    Column("threshold", Float, nullable=False),
+    Column("drifted", Boolean, nullable=False),
+    Column("doc", JSON, nullable=False),  # everything else: seeds, extractor hash, split-half FID, multiple, ...
+    Index("ix_monitor_fid_model_at", "model", "at"),
+)
+
 COLUMNS = [c.name for c in records.columns if c.name != "id"]
 FIELD_NAMES = {"index": "idx"}  # RequestRecord field -> column
 
@@ -214,6 +230,33 @@ class RecordStore:
 
             run_with_retry(write)
         return len(rows)
+
+    def append_fid(self, model: str, row: Mapping[str, Any]) -> None:
+        """Store one FID calibration or check of ``model``: ``row`` has at, version, kind, n_samples, fid,
+        threshold, drifted and doc (a JSON-able dict)."""
+        kind = row.get("kind")
+        if kind not in ("calibration", "check"):
+            raise InputError(f"kind must be 'calibration' or 'check', got {describe(kind)}")
+        values = {"model": model, "at": float(row["at"]), "version": str(row["version"]), "kind": kind,
+                  "n_samples": int(row["n_samples"]), "fid": float(row["fid"]), "threshold": float(row["threshold"]),
+                  "drifted": bool(row["drifted"]), "doc": dict(row.get("doc") or {})}
+
+        def write() -> None:
+            with self.engine.begin() as conn:
+                conn.execute(insert(fid_table), [values])
+
+        run_with_retry(write)
+
+    def fid_rows(self, model: str, kind: str | None = None, n_samples: int | None = None) -> list[dict[str, Any]]:
+        """The stored FID calibrations and checks of ``model`` (oldest first), optionally of one kind and N."""
+        c = fid_table.c
+        conds = [c.model == model]
+        if kind is not None:
+            conds.append(c.kind == kind)
+        if n_samples is not None:
+            conds.append(c.n_samples == int(n_samples))
+        with reader(self.engine).connect() as conn:
+            return [dict(r._mapping) for r in conn.execute(select(fid_table).where(*conds).order_by(c.at, c.id))]
 
     def retain(self, max_age_s: float, now: float | None = None) -> int:
         """Delete records older than ``max_age_s`` seconds; returns how many were deleted."""
