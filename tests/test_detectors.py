@@ -13,6 +13,8 @@ from vaekit.errors import ConfigError, InputError, NotFittedError
 from vaekit.monitoring.detectors import (
     DetectorResult,
     ExceedanceDetector,
+    GateCounts,
+    GateRejectionDetector,
     InputStatsDetector,
     KSDetector,
     MMDDetector,
@@ -22,9 +24,12 @@ from vaekit.monitoring.detectors import (
     aggregated_moments,
     default_detectors,
     latent_norm_detector,
+    mmd_from_blocks,
     mmd_from_kernel,
+    random_labellings,
     rbf_kernel,
     recon_error_detector,
+    reference_offset_sd,
 )
 from vaekit.monitoring.reference import Reference, Window, reference_from_arrays, reference_from_profile
 from vaekit.objectives.mmd import mmd_rbf
@@ -154,11 +159,144 @@ def test_mmd_detector_p_values_and_power():
     assert r.drifted and r.p_value == pytest.approx(1 / 201)
     assert r.statistic == pytest.approx(mmd_rbf(det.reference_, torch.from_numpy(gaussian(150, 5, shift=0.4)),
                                                 det.bandwidths_))
-    small = MMDDetector(n_permutations=100, n_reference=150).fit(ref)
+    small = MMDDetector(n_permutations=100, n_reference=150, confidence=None).fit(ref)
     ps = [small.score(Window(latent=gaussian(80, 100 + i))).p_value for i in range(25)]
     assert 0.2 < float(np.mean(ps)) < 0.8  # uniform p-values under no drift have mean 1/2
+    # the margin: the statistic less z sd(A) is compared with the same permutations, so p only grows
+    tol = MMDDetector(n_permutations=100, n_reference=150).fit(ref)
+    assert tol.margin_ == pytest.approx(stats.norm.ppf(0.99) * tol.offset_sd_) and tol.margin_ > 0
+    for i in range(5):
+        res = tol.score(Window(latent=gaussian(80, 200 + i)))
+        assert res.p_value >= res.details["p_value_without_margin"]
     with pytest.raises(ConfigError, match="n_permutations"):
         MMDDetector(n_permutations=50).fit(ref)
+
+
+def test_mmd_permutation_test_has_level_alpha_on_exchangeable_data():
+    """The plain permutation test (confidence=None), a fresh reference and window from one distribution per
+    trial: the share of alarms must be the test's
+    exact level P(p < alpha) = (ceil(alpha (P + 1)) - 1) / (P + 1) = 9 / 200 here, within binomial error.
+    Labellings that are not uniform, or an observed statistic computed unlike the permuted ones (the biased
+    V-statistic for the observed labelling alarms on about half of these windows), fall out of the interval."""
+    alpha, perms, trials = 0.05, 199, 1000
+    level = (math.ceil(alpha * (perms + 1)) - 1) / (perms + 1)  # p = (1 + b) / 200 < 0.05  <=>  b <= 8
+    assert level == pytest.approx(0.045)
+    rng = np.random.default_rng(7)
+    rejected = 0
+    for t in range(trials):
+        ref = rng.standard_t(5, size=(60, 3))  # heavy tails: exactness does not rest on Gaussian data
+        win = rng.standard_t(5, size=(40, 3))
+        det = MMDDetector(alpha=alpha, n_permutations=perms, seed=t, confidence=None).fit(Reference(latent=ref))
+        rejected += det.score(Window(latent=win)).drifted
+    lo, hi = stats.binom(trials, level).ppf([0.0005, 0.9995])  # a two-sided 99.9 % interval: [25, 68]
+    assert lo <= rejected <= hi, (rejected, lo, hi)
+
+
+def test_mmd_block_form_equals_the_pooled_matrix_and_the_direct_formula():
+    x, y, bws = gaussian(14, 0), gaussian(9, 1, shift=0.3), (0.7, 1.4, 2.8)
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    labels = random_labellings(14, 9, 6, np.random.default_rng(0))  # (6, 23), 14 ones per row
+    assert labels.shape == (6, 23) and (labels.sum(1) == 14).all()
+    pooled = mmd_from_kernel(rbf_kernel(torch.cat([xt, yt]), torch.cat([xt, yt]), bws), labels, 3.0)
+    blocks = mmd_from_blocks(rbf_kernel(xt, xt, bws), rbf_kernel(xt, yt, bws), rbf_kernel(yt, yt, bws), labels, 3.0)
+    np.testing.assert_allclose(blocks.numpy(), pooled.numpy(), rtol=1e-12)
+    both = np.concatenate([x, y])
+    for row, got in zip(labels.numpy().astype(bool), blocks.numpy(), strict=True):
+        assert got == pytest.approx(direct_mmd2(both[row], both[~row], bws), rel=1e-10)
+
+
+def test_mmd_reference_offset_sd_matches_the_spread_of_the_exactly_centred_term():
+    """Independent check of sd(A): for N(0, I) and an RBF kernel the mean embedding is known in closed form,
+    mu(x) = (s^2 / (s^2 + 1))^(D/2) exp(-|x|^2 / (2 (s^2 + 1))) and E k = (s^2 / (s^2 + 2))^(D/2), so A (the
+    reference-only term, kernel centred at the population) can be computed exactly for many references and its
+    standard deviation compared with the estimate from one reference's kernel matrix."""
+    n, d, s = 80, 2, 1.3
+    rng = np.random.default_rng(3)
+    a_values, estimates = [], []
+    for _ in range(400):
+        x = rng.normal(size=(n, d))
+        k = rbf_kernel(torch.from_numpy(x), torch.from_numpy(x), (s,)).numpy()
+        mu = (s * s / (s * s + 1)) ** (d / 2) * np.exp(-(x ** 2).sum(1) / (2 * (s * s + 1)))
+        kt = k - mu[:, None] - mu[None, :] + (s * s / (s * s + 2)) ** (d / 2)
+        a_values.append((kt.sum() - np.trace(kt)) / (n * (n - 1)))
+        estimates.append(reference_offset_sd(torch.from_numpy(k)))
+    assert abs(np.mean(a_values)) < 3 * np.std(a_values) / math.sqrt(400)  # A has mean 0
+    assert float(np.median(estimates)) == pytest.approx(float(np.std(a_values)), rel=0.15)
+
+
+def test_mmd_margin_keeps_each_reference_false_alarm_rate_near_alpha():
+    """The plain permutation test is exact on average over references, not for each: a reference with a
+    positive offset A alarms on more than alpha of its windows. With the margin (confidence 0.99) no reference
+    of these 16 exceeds alpha by more than binomial noise; without it, some do, by far."""
+    alpha, n, m, wins = 0.05, 120, 40, 150
+    rng = np.random.default_rng(11)
+    plain, tolerant = [], []
+    for r in range(16):
+        ref = Reference(latent=rng.normal(size=(n, 3)))
+        dets = [MMDDetector(alpha=alpha, n_permutations=99, seed=r, confidence=c).fit(ref) for c in (None, 0.99)]
+        windows = [Window(latent=rng.normal(size=(m, 3))) for _ in range(wins)]
+        plain.append(np.mean([dets[0].score(w).drifted for w in windows]))
+        tolerant.append(np.mean([dets[1].score(w).drifted for w in windows]))
+    noise = 2.5 * math.sqrt(alpha * (1 - alpha) / wins)  # binomial sd of one reference's rate
+    assert max(tolerant) <= alpha + noise and np.mean(tolerant) < alpha
+    assert max(plain) > alpha + noise and np.mean(plain) > np.mean(tolerant)
+
+
+def test_mmd_reference_kernel_is_reused_and_the_statistic_is_unchanged():
+    ref, win = gaussian(700, 0), gaussian(120, 3, shift=0.1)
+    det = MMDDetector(n_reference=500).fit(Reference(latent=ref))
+    assert det.reference_.shape == (500, D) and det.reference_kernel_.shape == (500, 500)
+    np.testing.assert_allclose(det.reference_kernel_, rbf_kernel(det.reference_, det.reference_, det.bandwidths_))
+    r = det.score(Window(latent=win))
+    assert r.statistic == pytest.approx(mmd_rbf(det.reference_, torch.from_numpy(win), det.bandwidths_), rel=1e-9)
+    assert r.details["n_reference"] == 500
+    whole = MMDDetector().fit(Reference(latent=ref))  # the default keeps every row of a reference up to 2,000
+    assert whole.reference_.shape == (700, D)
+    np.testing.assert_array_equal(whole.reference_.numpy(), ref)
+
+
+# -- the gate's rejection share ------------------------------------------------------------------------
+def test_gate_rejection_share_needs_both_the_share_and_the_binomial_test():
+    det = GateRejectionDetector().fit()
+    assert det.baseline_rate_ == 0.002 and det.max_share == 0.01
+    # n = 500: 5 refused is 1 %, not more than 1 %; 6 is 1.2 % with P(K >= 6) far below alpha
+    assert not det.score(GateCounts(500, 5)).drifted
+    r = det.score(GateCounts(500, 6, {"low_variance": 6}))
+    assert r.drifted and r.statistic == pytest.approx(0.012) and r.threshold == 0.01
+    assert r.p_value == pytest.approx(1 - stats.binom.cdf(5, 500, 0.002), rel=1e-9)
+    assert r.p_value == pytest.approx(1 - sum(math.comb(500, j) * 0.002 ** j * 0.998 ** (500 - j) for j in range(6)))
+    # a big window: 0.9 % is far beyond the clean rate but not over 1 %: no alarm
+    big = det.score(GateCounts(100_000, 900))
+    assert big.p_value < 1e-100 and not big.drifted
+    # n = 200 at a clean rate of 1 %: the binomial test is what stops 3 refusals (1.5 %) alarming
+    lax = GateRejectionDetector(baseline_rate=0.01).fit()
+    assert not lax.score(GateCounts(200, 3)).drifted and GateRejectionDetector().fit().score(GateCounts(200, 3)).drifted
+    assert det.score(GateCounts(300, 0)).p_value == 1.0
+
+
+def test_gate_rejection_false_alarm_rate_is_bounded_at_the_baseline_rate():
+    """Exactly, from the binomial law: over windows of n images at a clean rate p <= baseline, the share of
+    alarms is P(K >= k*) for the smallest alarming k*, which must be <= alpha (and, simulated, is)."""
+    det = GateRejectionDetector().fit()
+    for n in (200, 500, 2000):
+        k_star = next(k for k in range(n + 1) if det.score(GateCounts(n, k)).drifted)
+        far = float(stats.binom.sf(k_star - 1, n, 0.002))
+        assert far <= 0.01
+        sim = np.random.default_rng(n).binomial(n, 0.002, size=20_000)
+        assert np.mean(sim >= k_star) == pytest.approx(far, abs=4 * math.sqrt(far / 20_000) + 1e-4)
+
+
+def test_gate_rejection_errors_name_the_value():
+    with pytest.raises(InputError, match="rejected must be <= n, got rejected=5, n=3"):
+        GateCounts(3, 5)
+    with pytest.raises(InputError, match="GateCounts.n must be an integer >= 0, got -1"):
+        GateCounts(-1, 0)
+    with pytest.raises(ConfigError, match="max_share must be a number in"):
+        GateRejectionDetector(max_share=1.5).fit()
+    with pytest.raises(NotFittedError):
+        GateRejectionDetector().score(GateCounts(10, 1))
+    with pytest.raises(InputError, match="GateCounts, got Window"):
+        GateRejectionDetector().fit().score(Window(latent=gaussian(5, 0)))
 
 
 # -- exceedance ---------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import subprocess
 import sys
 import threading
@@ -185,8 +186,57 @@ def test_few_requests_and_unknown_versions_are_skipped_with_a_reason(setup, mnis
     by = {(g.version, g.route): g for g in it.groups}
     assert by[("1", "production")].results == {}
     assert "fewer than min_requests=200" in by[("1", "production")].skipped["*"]
-    assert by[("7", "canary")].results == {} and "no reference profile for mnist/7" in by[("7", "canary")].skipped["*"]
+    # a version without a profile gets only the gate's rejection share (it needs no reference), not drifted here
+    assert set(by[("7", "canary")].results) == {"gate_rejections"}
+    assert not by[("7", "canary")].results["gate_rejections"].drifted
+    assert "no reference profile for mnist/7" in by[("7", "canary")].skipped["*"]
     assert it.events == []
+
+
+def rejected_records(n: int, version: str, t0: float, t1: float, *, reason: str = "low_variance",
+                     prefix: str = "x") -> list[dict]:
+    """Images the gate refused, as the service records them: no model figures, accepted False and the reason."""
+    return [{"time": t0 + (t1 - t0) * i / n, "request_id": f"{prefix}{i}", "model": "mnist", "version": version,
+             "route": "production", "endpoint": "encode", "latency_s": 0.0, "batch_size": 0, "accepted": False,
+             "reason": reason, "pixel_mean": 0.0, "pixel_var": 0.0} for i in range(n)]
+
+
+def test_gate_rejection_share_fires_and_resolves_through_the_default_rules(setup, mnist):
+    """3 % all-black uploads, which no drift detector sees (they never reach the model), fire gate_rejections;
+    the p-value is the binomial tail by hand; a window of refused images only still fires; clean traffic resolves."""
+    reg, store, model = setup
+    mon = Monitor(store, reg, "mnist", window_s=300, min_requests=200)
+    # (a) 0.4 % refused (2 of 500): at the clean rate, no alert
+    store.append(make_records(model, held(mnist, 1000, 498), "1", T0 - 300, T0, prefix="a"))
+    store.append(rejected_records(2, "1", T0 - 300, T0, prefix="ax"))
+    it = mon.run_once(now=T0)
+    r = it.groups[0].results["gate_rejections"]
+    assert (r.n, r.details["rejected"], r.drifted) == (500, 2, False) and it.events == []
+    # (b) 15 of 500 (3 %): fires, with the binomial tail P(K >= 15), K ~ Binomial(500, 0.002), as its p-value
+    store.append(make_records(model, held(mnist, 1500, 485), "1", T0, T0 + 300, prefix="b"))
+    store.append(rejected_records(15, "1", T0, T0 + 300, prefix="bx"))
+    it = mon.run_once(now=T0 + 300)
+    r = it.groups[0].results["gate_rejections"]
+    tail = sum(math.comb(500, j) * 0.002 ** j * 0.998 ** (500 - j) for j in range(15, 501))
+    assert r.statistic == pytest.approx(0.03) and r.p_value == pytest.approx(tail, rel=1e-9) and r.drifted
+    assert r.details["by_reason"] == {"low_variance": 15}
+    (e,) = [e for e in it.events if e.rule == "gate_rejections"]
+    assert e.status == "firing" and e.severity == "warning" and e.value == pytest.approx(0.03)
+    assert not it.groups[0].results["ks_latent"].drifted  # the accepted images are clean MNIST
+    # (c) only refused images (no accepted one to score): still scored, still firing, no new event
+    store.append(rejected_records(300, "1", T0 + 300, T0 + 600, reason="range", prefix="cx"))
+    it = mon.run_once(now=T0 + 600)
+    (g,) = it.groups
+    assert g.n == 0 and set(g.results) == {"gate_rejections"} and g.results["gate_rejections"].drifted
+    assert g.results["gate_rejections"].details["by_reason"] == {"range": 300} and it.events == []
+    # (d) clean again: resolved once; the stored history and results say so
+    store.append(make_records(model, held(mnist, 2000, 400), "1", T0 + 600, T0 + 900, prefix="d"))
+    it = mon.run_once(now=T0 + 900)
+    assert [(e.rule, e.status) for e in it.events] == [("gate_rejections", "resolved")]
+    docs = [d for d in store.alert_events("mnist") if d["rule"] == "gate_rejections"]
+    assert [d["status"] for d in docs] == ["firing", "resolved"]
+    shares = [x["statistic"] for x in store.results("mnist") if x["detector"] == "gate_rejections"]
+    assert shares == pytest.approx([0.004, 0.03, 1.0, 0.0])
 
 
 def test_arguments_are_checked():

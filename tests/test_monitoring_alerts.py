@@ -59,8 +59,11 @@ def test_rule_and_argument_errors():
 
 
 def test_default_rules_name_default_detectors():
-    names = set(default_detectors())
+    from vaekit.monitoring.detectors import GateRejectionDetector
+
+    names = set(default_detectors()) | {GateRejectionDetector.name}  # the monitor scores the gate's share too
     assert all(r.detector in names for r in default_rules())
+    assert "gate_rejections" in {r.name for r in default_rules()}
 
 
 def test_log_sink(caplog):

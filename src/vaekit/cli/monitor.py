@@ -94,6 +94,30 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     d.add_argument("--no-registry", action="store_true", help="leave out the alias moves")
     d.set_defaults(func=_db(dashboard))
+    _add_fid_parser(verbs, reg)
+
+
+def _add_fid_parser(verbs: argparse._SubParsersAction, reg: argparse.ArgumentParser) -> None:
+    """``vaekit monitor fid``: the scheduled FID job (model drift from generated samples)."""
+    f = verbs.add_parser("fid", parents=[reg], help="FID of generated samples vs a calibrated threshold, "
+                                                    "once or every N seconds")
+    f.add_argument("--store", metavar="URI", help=f"record store (default: ${ENV_STORE})")
+    f.add_argument("--model", required=True, metavar="REF",
+                   help="NAME@ALIAS (followed at each check), NAME/VERSION, or NAME (= NAME@production)")
+    f.add_argument("--n-samples", type=int, default=2000, help="generated images per FID (default 2000)")
+    f.add_argument("--dataset", help="the extractor's dataset (default: the version's training data)")
+    f.add_argument("--extractor", metavar="DIR", help="FID extractor artifact (default: the cached one)")
+    f.add_argument("--multiple", type=float, default=3.0, help="threshold margin in split-half FIDs (default 3)")
+    f.add_argument("--repeats", type=int, default=3, help="baseline draws when calibrating (default 3)")
+    f.add_argument("--calibrate", action="store_true", help="calibrate anew on the version REF names now")
+    f.add_argument("--webhook", metavar="URL", help="POST alert events as JSON to this URL")
+    when = f.add_mutually_exclusive_group()
+    when.add_argument("--every", type=float, metavar="SECONDS", help="check every SECONDS (default: once)")
+    when.add_argument("--once", action="store_true", help="one check, then exit (for cron; the default)")
+    f.add_argument("--iterations", type=int, help="with --every: this many checks, then exit")
+    f.add_argument("--json", action="store_true", help="print each check as a JSON line")
+    f.add_argument("--fail-on-drift", action="store_true", help=f"exit {EXIT_FIRING} when the last check drifted")
+    f.set_defaults(func=_db(fid))
 
 
 def _db(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
@@ -224,6 +248,57 @@ def _print_iteration(args: argparse.Namespace, it: Any) -> None:
               f"events: {', '.join(f'{e.rule} {e.status}' for e in g.events) or 'none'}", flush=True)
     if not it.groups:
         print(f"{end}  no records of {args.model!r} in the last {args.window_s:g} s", flush=True)
+
+
+# -- fid -----------------------------------------------------------------------------------------------
+def fid(args: argparse.Namespace) -> int:
+    """The FID job: one check (default, for cron) or one every ``--every`` seconds until SIGTERM / SIGINT."""
+    from vaekit.evaluation.extractor import load_extractor
+    from vaekit.monitoring.fid_watch import FIDWatch
+    from vaekit.monitoring.sinks import LogSink, WebhookSink
+
+    _positive("--every", args.every)
+    _positive("--iterations", args.iterations, integer=True)
+    ref = args.model if ("@" in args.model or "/" in args.model) else f"{args.model}@production"
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    sinks: list[Any] = [LogSink()] + ([WebhookSink(args.webhook)] if args.webhook else [])
+    store, registry = _open_store(args), _open_registry(args)
+    stop = threading.Event()
+    before = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:  # SIGTERM / SIGINT: finish the check in progress, then stop
+        ext = None
+        if args.extractor:
+            ext = load_extractor(args.dataset or ref.split("@")[0].split("/")[0], args.extractor)
+        watch = FIDWatch(store, registry, ref, n_samples=args.n_samples, dataset=args.dataset, extractor=ext,
+                         sinks=sinks, multiple=args.multiple, repeats=args.repeats)
+        iterations = 1 if args.every is None else args.iterations
+        k, check, recalibrate = 0, None, args.calibrate
+        while not stop.is_set() and (iterations is None or k < iterations):
+            t0 = time.monotonic()
+            k += 1
+            check = watch.run_once(recalibrate=recalibrate)
+            recalibrate = False
+            _print_fid(args, ref, check)
+            if iterations is not None and k >= iterations:
+                break
+            stop.wait(max(0.0, args.every - (time.monotonic() - t0)))
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+        store.close()
+        registry.close()
+    return EXIT_FIRING if args.fail_on_drift and check is not None and check.result.drifted else 0
+
+
+def _print_fid(args: argparse.Namespace, ref: str, check: Any) -> None:
+    if args.json:
+        print(json.dumps(check.to_dict()), flush=True)
+        return
+    cal = check.calibration
+    print(f"{check.to_dict()['at']}  {ref}: FID {check.fid:.3f} of {cal.n_samples} samples (version "
+          f"{check.version}); threshold {cal.threshold:.3f} = baseline {cal.baseline:.3f} (version {cal.version}) "
+          f"+ {cal.margin:.3f}; {'DRIFT' if check.result.drifted else 'ok'}; events: "
+          f"{', '.join(f'{e.rule} {e.status}' for e in check.events) or 'none'}", flush=True)
 
 
 # -- status / alerts ---------------------------------------------------------------------------------

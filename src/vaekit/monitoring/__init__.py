@@ -15,6 +15,8 @@ from vaekit.monitoring.detectors import (
     Detector,
     DetectorResult,
     ExceedanceDetector,
+    GateCounts,
+    GateRejectionDetector,
     InputStatsDetector,
     KSDetector,
     MMDDetector,
@@ -34,9 +36,9 @@ from vaekit.monitoring.reference import (
 )
 
 __all__ = [
-    "Alert", "AlertState", "Detector", "DetectorResult", "ExceedanceDetector", "GateResult", "InputStatsDetector",
-    "KSDetector", "MMDDetector", "MomentsDetector", "QualityGate", "Reference", "RollingMeanDetector", "Rule",
-    "Verdict", "Window", "check_batch", "default_detectors", "default_rules", "evaluate_rules",
-    "latent_norm_detector", "recon_error_detector", "reference_from_arrays", "reference_from_profile",
+    "Alert", "AlertState", "Detector", "DetectorResult", "ExceedanceDetector", "GateCounts", "GateRejectionDetector",
+    "GateResult", "InputStatsDetector", "KSDetector", "MMDDetector", "MomentsDetector", "QualityGate", "Reference",
+    "RollingMeanDetector", "Rule", "Verdict", "Window", "check_batch", "default_detectors", "default_rules",
+    "evaluate_rules", "latent_norm_detector", "recon_error_detector", "reference_from_arrays", "reference_from_profile",
     "window_from_inspection",
 ]

@@ -160,4 +160,6 @@ def default_rules() -> list[Rule]:
         Rule("latent_norm", "latent_norm", "warning", "more latent norms above 5 than the reference"),
         Rule("rolling_means", "rolling_mean", "warning", "5-minute mean of recon error / KL / norm beyond 3 sigma"),
         Rule("input_stats", "input_stats", "info", "pixel mean/variance distribution changed (data drift)"),
+        Rule("gate_rejections", "gate_rejections", "warning",
+             "more than 1 % of the window's images refused by the data-quality gate (binomial test vs 0.2 %)"),
     ]

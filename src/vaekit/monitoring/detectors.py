@@ -41,7 +41,7 @@ from scipy import stats
 
 from vaekit.errors import ConfigError, InputError, NotFittedError, check_choice, describe
 from vaekit.monitoring.reference import Reference, Window
-from vaekit.objectives.mmd import median_bandwidth, mmd_rbf
+from vaekit.objectives.mmd import median_bandwidth
 
 
 @dataclass
@@ -296,22 +296,40 @@ class MomentsDetector(Detector):
 
 
 class MMDDetector(Detector):
-    """MMD^2 between reference and window posterior means with a permutation test.
+    """MMD^2 between reference and window posterior means with a permutation test, made valid for the
+    one reference at hand.
 
-    ``fit`` keeps ``n_reference`` reference rows (a seeded draw) and fixes the RBF bandwidths at
-    (0.5, 1, 2) x the median pairwise distance of that sample (a kernel chosen from the window
-    would break the permutation test's exactness). ``score``: the unbiased MMD^2 of
-    vaekit.objectives.mmd.mmd_rbf, and p = (1 + #perm >= observed) / (1 + n_permutations) over
-    random relabellings of the pooled sample.
+    ``fit`` keeps ``n_reference`` reference rows (all of them when the reference is smaller; a
+    seeded draw otherwise), fixes the RBF bandwidths at (0.5, 1, 2) x the median pairwise distance
+    of those rows (a kernel chosen from the window would break the permutation test's exactness)
+    and computes their (n, n) kernel matrix once. ``score``: the unbiased MMD^2 T of
+    vaekit.objectives.mmd.mmd_rbf and ``n_permutations`` random relabellings of the pooled sample.
+
+    Why a margin. The permutation p-value (1 + #perm >= T) / (1 + n_permutations) is exact on
+    average over reference draws, but a deployment has one reference, and its own sampling noise
+    is a fixed offset in every window's T: write T = A + B - 2C with the kernel centred at the
+    population (Hoeffding), A the reference-only term, B the window-only one, C the cross term
+    (mean 0 given the reference). A has mean 0 and variance 2 E[k~(x, y)^2] / (n (n - 1)); given the
+    reference it is a constant, and a reference with A > 0 alarms on more than alpha of its
+    windows (bench/drift.py, 500 reference rows: 0 % to 3 % of 400 Fashion-MNIST windows by
+    draw; docs/monitoring.md). ``confidence=0.99`` (default) compares T - z * sd(A) with the
+    permutations (z the standard normal ``confidence`` quantile, sd(A) estimated from the
+    doubly centred reference kernel matrix): the false-alarm rate stays <= alpha for every
+    reference whose A is below z sd(A), that is with probability about ``confidence`` over the
+    reference draw (A is a centred sum of many weighted chi-squares: near normal), the tolerance
+    guarantee of :class:`ExceedanceDetector`. ``confidence=None``: the plain permutation test.
+    ``n_reference`` defaults to 2,000 (a default profile's whole sample): sd(A) shrinks as 1 / n,
+    so the margin costs less power with more reference rows.
     """
 
     name = "mmd_latent"
-    _fitted = ("reference_", "bandwidths_")
+    _fitted = ("reference_", "bandwidths_", "reference_kernel_", "offset_sd_")
 
-    def __init__(self, alpha: float = 0.01, n_permutations: int = 200, n_reference: int = 500,
-                 bandwidths: tuple[float, ...] | None = None, seed: int = 0, name: str | None = None):
+    def __init__(self, alpha: float = 0.01, n_permutations: int = 200, n_reference: int = 2000,
+                 bandwidths: tuple[float, ...] | None = None, seed: int = 0, confidence: float | None = 0.99,
+                 name: str | None = None):
         self.alpha, self.n_permutations, self.n_reference = alpha, n_permutations, n_reference
-        self.bandwidths, self.seed = bandwidths, seed
+        self.bandwidths, self.seed, self.confidence = bandwidths, seed, confidence
         if name is not None:
             self.name = name
 
@@ -322,10 +340,15 @@ class MMDDetector(Detector):
             raise ConfigError(f"n_permutations must be >= 1/alpha = {math.ceil(1 / self.alpha)} for the test to ever "
                               f"reach p < alpha, got {self.n_permutations}")
         _check_int("n_reference", self.n_reference, 4)
+        if self.confidence is not None and (isinstance(self.confidence, bool) or not isinstance(self.confidence, float)
+                                            or not 0.5 <= self.confidence < 1):
+            raise ConfigError(f"confidence must be None or a number in [0.5, 1), got {describe(self.confidence)}")
         lat = _reference(reference).require("latent", type(self).__name__)
-        rng = np.random.default_rng(self.seed)
-        pick = rng.choice(lat.shape[0], size=min(self.n_reference, lat.shape[0]), replace=False)
-        self.reference_ = torch.from_numpy(lat[np.sort(pick)])
+        if lat.shape[0] <= self.n_reference:
+            self.reference_ = torch.from_numpy(lat).double()
+        else:
+            pick = np.random.default_rng(self.seed).choice(lat.shape[0], size=self.n_reference, replace=False)
+            self.reference_ = torch.from_numpy(lat[np.sort(pick)]).double()
         if self.bandwidths is None:
             half = self.reference_.shape[0] // 2
             m = median_bandwidth(self.reference_[:half], self.reference_[half:])
@@ -334,20 +357,41 @@ class MMDDetector(Detector):
             if len(self.bandwidths) == 0 or not all(isinstance(s, int | float) and s > 0 for s in self.bandwidths):
                 raise ConfigError(f"bandwidths must be positive numbers, got {describe(self.bandwidths)}")
             self.bandwidths_ = tuple(float(s) for s in self.bandwidths)
+        self.reference_kernel_ = rbf_kernel(self.reference_, self.reference_, self.bandwidths_)  # (n, n)
+        self.offset_sd_ = reference_offset_sd(self.reference_kernel_)
+        self.margin_ = 0.0 if self.confidence is None else float(stats.norm.ppf(self.confidence)) * self.offset_sd_
         self._rng = np.random.default_rng([self.seed, 1])
         return self
 
     def score(self, window: Window) -> DetectorResult:
         self._check_fitted()
-        w = torch.from_numpy(self._check_window(window).require("latent", type(self).__name__))
+        w = torch.from_numpy(self._check_window(window).require("latent", type(self).__name__)).double()
         if w.shape[1] != self.reference_.shape[1]:
             raise InputError(f"window latent has {w.shape[1]} dims, the reference {self.reference_.shape[1]}")
-        observed = mmd_rbf(self.reference_, w, self.bandwidths_)
-        null = permutation_mmd(self.reference_, w, self.bandwidths_, self.n_permutations, self._rng)
-        p = float((1 + (null >= observed).sum()) / (1 + self.n_permutations))
-        return DetectorResult(self.name, observed, p < self.alpha, self.alpha, p, w.shape[0],
+        n, m, diag = self.reference_.shape[0], w.shape[0], float(len(self.bandwidths_))
+        blocks = (self.reference_kernel_, rbf_kernel(self.reference_, w, self.bandwidths_),
+                  rbf_kernel(w, w, self.bandwidths_))
+        identity = torch.zeros(1, n + m, dtype=torch.float64)
+        identity[0, :n] = 1.0
+        observed = float(mmd_from_blocks(*blocks, identity, diag)[0])
+        null = mmd_from_blocks(*blocks, random_labellings(n, m, self.n_permutations, self._rng), diag).numpy()
+        p = float((1 + (null >= observed - self.margin_).sum()) / (1 + self.n_permutations))
+        p_plain = float((1 + (null >= observed).sum()) / (1 + self.n_permutations))
+        return DetectorResult(self.name, observed, p < self.alpha, self.alpha, p, m,
                               {"statistic": "unbiased MMD^2, RBF kernels", "bandwidths": list(self.bandwidths_),
-                               "null_p99": float(np.quantile(null, 0.99)), "n_permutations": self.n_permutations})
+                               "null_p99": float(np.quantile(null, 0.99)), "n_permutations": self.n_permutations,
+                               "n_reference": n, "margin": self.margin_, "offset_sd": self.offset_sd_,
+                               "p_value_without_margin": p_plain})
+
+
+def reference_offset_sd(k_xx: torch.Tensor) -> float:
+    """Estimated standard deviation of the reference-only term A of the unbiased MMD^2 (MMDDetector):
+    sqrt(2 E[k~(x, y)^2] / (n (n - 1))), E[k~^2] the mean squared off-diagonal entry of the doubly
+    centred kernel matrix H K H (H = I - 11^T / n) of the n reference rows. k_xx (n, n) float64."""
+    n = k_xx.shape[0]
+    centred = k_xx - k_xx.mean(0, keepdim=True) - k_xx.mean(1, keepdim=True) + k_xx.mean()
+    off = (centred.pow(2).sum() - centred.diagonal().pow(2).sum()) / (n * (n - 1))
+    return float(torch.sqrt(2.0 * off / (n * (n - 1))))
 
 
 def rbf_kernel(a: torch.Tensor, b: torch.Tensor, bandwidths: tuple[float, ...]) -> torch.Tensor:
@@ -356,34 +400,65 @@ def rbf_kernel(a: torch.Tensor, b: torch.Tensor, bandwidths: tuple[float, ...]) 
     return sum(torch.exp(-d2 / (2.0 * s * s)) for s in bandwidths)
 
 
+def pooled_kernel(k_xx: torch.Tensor, x: torch.Tensor, y: torch.Tensor, bandwidths: tuple[float, ...]) -> torch.Tensor:
+    """The kernel matrix of the pooled sample [x; y] (N + M, N + M) from x's own (N, N), computed once.
+
+    Only the (N, M) and (M, M) blocks are new per window: with N = 2,000 reference rows and M = 500
+    that is a fifth of the entries of the whole matrix."""
+    k_xy = rbf_kernel(x, y, bandwidths)  # (N, M)
+    k_yy = rbf_kernel(y, y, bandwidths)  # (M, M)
+    return torch.cat([torch.cat([k_xx, k_xy], 1), torch.cat([k_xy.T, k_yy], 1)], 0)
+
+
+def random_labellings(n: int, m: int, n_permutations: int, rng: np.random.Generator) -> torch.Tensor:
+    """(P, n + m) 0/1 rows, each with n ones at uniformly random places: random relabellings of the pooled
+    sample into n rows called x and m called y."""
+    base = np.concatenate([np.ones(n), np.zeros(m)])
+    return torch.from_numpy(rng.permuted(np.tile(base, (n_permutations, 1)), axis=1))
+
+
 def permutation_mmd(x: torch.Tensor, y: torch.Tensor, bandwidths: tuple[float, ...], n_permutations: int,
                     rng: np.random.Generator) -> np.ndarray:
     """Unbiased MMD^2 of ``n_permutations`` random relabellings of the pooled sample (x: N rows, y: M).
 
     The pooled kernel matrix K is computed once; a relabelling is a 0/1 indicator w of the rows
-    called x, and sum_{i,j in x} K_ij = w^T K w, so all permutations are two matrix products. The
+    called x, and sum_{i,j in x} K_ij = w^T K w, so all permutations are one matrix product. The
     kernel's diagonal is constant (k(a, a) = number of bandwidths), which makes dropping the
     i = j terms a constant.
     """
     n, m = x.shape[0], y.shape[0]
-    pooled = torch.cat([x, y]).double()
-    K = rbf_kernel(pooled, pooled, bandwidths)  # (n + m, n + m)
-    idx = np.argsort(rng.random((n_permutations, n + m)), axis=1)[:, :n]  # (P, n) rows labelled x
-    wx = torch.zeros(n_permutations, n + m, dtype=torch.float64)
-    wx.scatter_(1, torch.from_numpy(idx), 1.0)
-    return mmd_from_kernel(K, wx, float(len(bandwidths))).numpy()
+    K = pooled_kernel(rbf_kernel(x, x, bandwidths), x, y, bandwidths)  # (n + m, n + m)
+    return mmd_from_kernel(K, random_labellings(n, m, n_permutations, rng), float(len(bandwidths))).numpy()
+
+
+def mmd_from_blocks(k_xx: torch.Tensor, k_xy: torch.Tensor, k_yy: torch.Tensor, wx: torch.Tensor,
+                    diag: float) -> torch.Tensor:
+    """:func:`mmd_from_kernel` of the pooled matrix [[k_xx, k_xy], [k_xy^T, k_yy]] (N + M rows) without
+    building it: k_xx (N, N) is the reference's, computed once; wx (P, N + M) 0/1 rows -> (P,)."""
+    n = k_xx.shape[0]
+    a, b = wx[:, :n], wx[:, n:]  # (P, N), (P, M)
+    on_x = a @ k_xx + b @ k_xy.T  # (P, N): row sums of K over the rows labelled x, columns of x's part
+    on_y = a @ k_xy + b @ k_yy  # (P, M)
+    sxx = (on_x * a).sum(1) + (on_y * b).sum(1)
+    row = torch.cat([k_xx.sum(1) + k_xy.sum(1), k_xy.sum(0) + k_yy.sum(1)])  # (N + M,) row sums of K
+    sxy = wx @ row - sxx
+    syy = (k_xx.sum() + 2.0 * k_xy.sum() + k_yy.sum()) - sxx - 2.0 * sxy
+    nx = wx.sum(1)
+    ny = wx.shape[1] - nx
+    return (sxx - nx * diag) / (nx * (nx - 1)) + (syy - ny * diag) / (ny * (ny - 1)) - 2.0 * sxy / (nx * ny)
 
 
 def mmd_from_kernel(K: torch.Tensor, wx: torch.Tensor, diag: float) -> torch.Tensor:
     """Unbiased MMD^2 for each labelling: K (T, T) pooled kernel, wx (P, T) 0/1 rows (1: in x) -> (P,).
 
-    ``diag`` is the kernel's constant diagonal k(a, a)."""
-    wy = 1.0 - wx
-    n, m = wx.sum(1), wy.sum(1)  # (P,)
+    ``diag`` is the kernel's constant diagonal k(a, a). One product wx K (P, T) gives all three
+    sums: s_xx = w^T K w, s_x. = w^T K 1 (so s_xy = s_x. - s_xx), and s_yy = 1^T K 1 - s_xx - 2 s_xy."""
+    n = wx.sum(1)  # (P,)
+    m = K.shape[0] - n
     Kwx = wx @ K  # (P, T)
     sxx = (Kwx * wx).sum(1)
-    sxy = (Kwx * wy).sum(1)
-    syy = ((wy @ K) * wy).sum(1)
+    sxy = Kwx.sum(1) - sxx
+    syy = K.sum() - sxx - 2.0 * sxy
     xx = (sxx - n * diag) / (n * (n - 1))
     yy = (syy - m * diag) / (m * (m - 1))
     return xx + yy - 2.0 * sxy / (n * m)
@@ -532,6 +607,78 @@ class RollingMeanDetector(Detector):
                                "means": {f: float(recent.require(f, "").mean()) for f in self.fields},
                                "reference_means": self.mean_,
                                "span_s": self.period_s if window.timestamps is not None else None})
+
+
+@dataclass(frozen=True)
+class GateCounts:
+    """What the data-quality gate did to one window's images: ``n`` images seen (accepted and rejected),
+    ``rejected`` of them refused, ``by_reason`` the refusals per failed check (e.g. ``{"low_variance": 15}``).
+    From :meth:`vaekit.monitoring.store.RecordStore.gate_counts`."""
+
+    n: int
+    rejected: int
+    by_reason: dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for key in ("n", "rejected"):
+            v = getattr(self, key)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise InputError(f"GateCounts.{key} must be an integer >= 0, got {describe(v)}")
+        if self.rejected > self.n:
+            raise InputError(f"GateCounts.rejected must be <= n, got rejected={self.rejected}, n={self.n}")
+
+
+# the clean rejection share of the gate (docs/monitoring.md): MNIST test 0 / 10,000, Fashion-MNIST test 9 / 10,000
+# (99 % upper bounds 0.046 % and 0.19 %), rounded up: a share the gate may refuse of good traffic
+GATE_BASELINE_RATE = 0.002
+
+
+class GateRejectionDetector(Detector):
+    """The share of a window's images the data-quality gate refused (an image refused never reaches the
+    model, so no other detector sees it: all-black or corrupted uploads show up here only).
+
+    Drift when both (a) the share k / n exceeds ``max_share`` (1 %, the brief's "more than 1 % of
+    requests in a window") and (b) a one-sided binomial test of k against Binomial(n, ``baseline_rate``)
+    gives p = P(K >= k) < ``alpha``. (b) bounds the false-alarm rate by alpha whenever the gate's
+    rejection rate of good traffic is at most ``baseline_rate`` (default 0.2 %: the measured clean
+    rates, 0 % on MNIST and 0.09 % on Fashion-MNIST, with their 99 % upper bounds, rounded up);
+    (a) keeps a large window from alarming on a share that is significant but small. ``score``
+    takes :class:`GateCounts`, not a Window: a Window holds accepted images only.
+    """
+
+    name = "gate_rejections"
+    _fitted = ("baseline_rate_",)
+
+    def __init__(self, max_share: float = 0.01, alpha: float = 0.01, baseline_rate: float = GATE_BASELINE_RATE,
+                 min_n: int = 1, name: str | None = None):
+        self.max_share, self.alpha, self.baseline_rate, self.min_n = max_share, alpha, baseline_rate, min_n
+        if name is not None:
+            self.name = name
+
+    def fit(self, reference: Reference | None = None) -> Self:
+        """Validates the settings; the reference is not needed (the baseline rate is a setting)."""
+        _check_alpha(self.alpha)
+        _check_int("min_n", self.min_n, 1)
+        for key in ("max_share", "baseline_rate"):
+            v = getattr(self, key)
+            if isinstance(v, bool) or not isinstance(v, int | float) or not 0 <= v < 1:
+                raise ConfigError(f"{key} must be a number in [0, 1), got {describe(v)}")
+        self.baseline_rate_ = float(self.baseline_rate)
+        return self
+
+    def score(self, counts: GateCounts) -> DetectorResult:
+        self._check_fitted()
+        if not isinstance(counts, GateCounts):
+            raise InputError(f"counts must be a vaekit.monitoring.detectors.GateCounts, got {type(counts).__name__}")
+        if counts.n < self.min_n:
+            raise InputError(f"the window holds {counts.n} images, fewer than min_n={self.min_n} for {self.name}")
+        n, k = counts.n, counts.rejected
+        p = float(stats.binom(n, self.baseline_rate_).sf(k - 1)) if k > 0 else 1.0  # P(K >= k)
+        share = k / n
+        return DetectorResult(self.name, share, share > self.max_share and p < self.alpha, self.max_share, p, n,
+                              {"statistic": "share of the window's images refused by the gate", "rejected": k,
+                               "by_reason": dict(counts.by_reason), "baseline_rate": self.baseline_rate_,
+                               "alpha": self.alpha})
 
 
 def default_detectors(alpha: float = 0.01, kl: bool = True) -> dict[str, Detector]:

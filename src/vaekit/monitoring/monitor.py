@@ -30,7 +30,7 @@ from typing import Any
 
 from vaekit.errors import InputError, VaekitError, describe
 from vaekit.monitoring.alerts import Alert, AlertState, Rule, default_rules, evaluate_rules, iso
-from vaekit.monitoring.detectors import Detector, DetectorResult, default_detectors
+from vaekit.monitoring.detectors import Detector, DetectorResult, GateRejectionDetector, default_detectors
 from vaekit.monitoring.reference import reference_from_profile
 
 log = logging.getLogger("vaekit.monitoring.monitor")
@@ -216,16 +216,29 @@ class Monitor:
         g = GroupResult(version, route, n)
         detectors = self.detectors(version)
         g.skipped = dict(self.skipped.get(version, {}))
+        self._score_gate(g, start, end)
         if n < self.min_requests or not detectors:
             if n < self.min_requests:
                 g.skipped["*"] = f"{n} accepted request(s) in the window, fewer than min_requests={self.min_requests}"
-            return g
+            return self._evaluate(g, start, end) if g.results else g
         window = self.store.window(self.model, version, route, start, end)
         for name, det in detectors.items():
             try:
                 g.results[name] = det.score(window)
             except VaekitError as exc:  # e.g. too few requests in the rolling period
                 g.skipped[name] = str(exc)
+        return self._evaluate(g, start, end)
+
+    def _score_gate(self, g: GroupResult, start: float, end: float) -> None:
+        """The gate's rejection share over all the window's images (accepted or not; needs no profile), when
+        they are at least ``min_requests``: a window of refused images has too few accepted ones to score."""
+        counts = self.store.gate_counts(self.model, g.version, g.route, start, end)
+        if counts.n >= self.min_requests:
+            g.results[GateRejectionDetector.name] = GateRejectionDetector(alpha=self.alpha).fit().score(counts)
+
+    def _evaluate(self, g: GroupResult, start: float, end: float) -> GroupResult:
+        """The alert events of one scored group against the alerts firing for its route."""
+        version, route = g.version, g.route
         state = self.state.get(route, AlertState())
         g.events = evaluate_rules(self.rules, g.results, state, version=version, window=(start, end))
         self.state[route] = state.apply(g.events)

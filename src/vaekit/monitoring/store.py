@@ -46,6 +46,7 @@ from sqlalchemy import (
 
 from vaekit.db import make_engine, reader, run_with_retry
 from vaekit.errors import InputError, VaekitError, describe
+from vaekit.monitoring.detectors import GateCounts
 from vaekit.monitoring.reference import Window
 
 SCHEMA_VERSION = 1
@@ -124,6 +125,22 @@ captures = Table(
     Column("last_time", Float, nullable=False),  # ... and its last
     Column("created", Float, nullable=False),  # Unix seconds the shard was written
     Index("ix_monitor_captures_model_time", "model", "first_time"),
+)
+
+# the scheduled FID job (monitoring/fid_watch.py): its calibrations and checks, per model version
+fid_table = Table(
+    "monitor_fid", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("at", Float, nullable=False),  # Unix seconds
+    Column("model", String(128), nullable=False),
+    Column("version", String(64), nullable=False),
+    Column("kind", String(16), nullable=False),  # calibration | check
+    Column("n_samples", Integer, nullable=False),
+    Column("fid", Float, nullable=False),  # check: the samples' FID; calibration: the baseline version's mean FID
+    Column("threshold", Float, nullable=False),
+    Column("drifted", Boolean, nullable=False),
+    Column("doc", JSON, nullable=False),  # everything else: seeds, extractor hash, split-half FID, multiple, ...
+    Index("ix_monitor_fid_model_at", "model", "at"),
 )
 
 COLUMNS = [c.name for c in records.columns if c.name != "id"]
@@ -232,6 +249,33 @@ class RecordStore:
 
             run_with_retry(write)
         return len(rows)
+
+    def append_fid(self, model: str, row: Mapping[str, Any]) -> None:
+        """Store one FID calibration or check of ``model``: ``row`` has at, version, kind, n_samples, fid,
+        threshold, drifted and doc (a JSON-able dict)."""
+        kind = row.get("kind")
+        if kind not in ("calibration", "check"):
+            raise InputError(f"kind must be 'calibration' or 'check', got {describe(kind)}")
+        values = {"model": model, "at": float(row["at"]), "version": str(row["version"]), "kind": kind,
+                  "n_samples": int(row["n_samples"]), "fid": float(row["fid"]), "threshold": float(row["threshold"]),
+                  "drifted": bool(row["drifted"]), "doc": dict(row.get("doc") or {})}
+
+        def write() -> None:
+            with self.engine.begin() as conn:
+                conn.execute(insert(fid_table), [values])
+
+        run_with_retry(write)
+
+    def fid_rows(self, model: str, kind: str | None = None, n_samples: int | None = None) -> list[dict[str, Any]]:
+        """The stored FID calibrations and checks of ``model`` (oldest first), optionally of one kind and N."""
+        c = fid_table.c
+        conds = [c.model == model]
+        if kind is not None:
+            conds.append(c.kind == kind)
+        if n_samples is not None:
+            conds.append(c.n_samples == int(n_samples))
+        with reader(self.engine).connect() as conn:
+            return [dict(r._mapping) for r in conn.execute(select(fid_table).where(*conds).order_by(c.at, c.id))]
 
     def retain(self, max_age_s: float, now: float | None = None) -> int:
         """Delete records older than ``max_age_s`` seconds; returns how many were deleted."""
@@ -346,6 +390,21 @@ class RecordStore:
         if all(v is not None for v in lat):
             arrays["latent"] = np.array(lat, dtype=np.float64)
         return Window(**arrays)
+
+    def gate_counts(self, model: str, version: str | None = None, route: str | None = None,
+                    start: float | None = None, end: float | None = None) -> GateCounts:
+        """The gate's verdicts on the images of [start, end): how many, how many refused, and per reason."""
+        c = records.c
+        q = (select(c.accepted, c.reason, func.count()).select_from(records)
+             .where(*self._where(model, version, route, start, end, None)).group_by(c.accepted, c.reason))
+        n, by_reason = 0, {}
+        with reader(self.engine).connect() as conn:
+            for accepted, reason, count in conn.execute(q):
+                n += int(count)
+                if not accepted:
+                    key = str(reason or "unknown")
+                    by_reason[key] = by_reason.get(key, 0) + int(count)
+        return GateCounts(n, sum(by_reason.values()), by_reason)
 
     def rollups(self, model: str, period_s: float = 300.0, start: float | None = None,
                 end: float | None = None) -> list[dict[str, Any]]:
