@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from vaekit.errors import ConfigError, InputError, VaekitError, describe
+from vaekit.errors import ConfigError, InputError, describe
 from vaekit.monitoring.alerts import Alert, AlertState, Rule, evaluate_rules, iso
 from vaekit.monitoring.detectors import DetectorResult
 
@@ -292,24 +292,6 @@ class FIDWatch:
         ``iterations`` is given."""
         if isinstance(interval_s, bool) or not isinstance(interval_s, int | float) or not interval_s > 0:
             raise ConfigError(f"interval_s must be a number > 0, got {describe(interval_s)}")
-        done: list[FIDCheck] = []
-        k = 0
-        while iterations is None or k < iterations:
-            t0 = time.monotonic()
-            try:
-                check = self.run_once()
-                if iterations is not None:
-                    done.append(check)
-            except VaekitError:
-                raise  # a configuration fault (no extractor, an unknown reference): retrying will not help
-            except Exception as exc:  # the database unreachable for a while: try again next time
-                log.error("fid: check failed: %s: %s", type(exc).__name__, exc)
-            k += 1
-            if iterations is not None and k >= iterations:
-                break
-            wait = max(0.0, interval_s - (time.monotonic() - t0))
-            if stop is not None and stop.wait(wait):
-                break
-            if stop is None:
-                time.sleep(wait)
-        return done
+        from vaekit.monitoring.monitor import run_every
+
+        return run_every(self.run_once, interval_s, iterations, stop, "fid: check")

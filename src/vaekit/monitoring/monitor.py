@@ -252,33 +252,42 @@ class Monitor:
         _check_number("interval_s", interval_s)
         if iterations is not None:
             _check_number("iterations", iterations, integer=True)
-        done: list[Iteration] = []
-        k = 0
-        while iterations is None or k < iterations:
-            t0 = time.monotonic()
-            try:
-                it = self.run_once()
-                if iterations is not None:
-                    done.append(it)
-            except VaekitError:
-                raise  # a configuration fault (a newer schema, a bad argument): retrying will not help
-            except Exception as exc:  # the database unreachable for a while: try again next time
-                log.error("monitor: iteration failed: %s: %s", type(exc).__name__, exc)
-            k += 1
-            if iterations is not None and k >= iterations:
-                break
-            wait = max(0.0, interval_s - (time.monotonic() - t0))
-            if stop is not None:
-                if stop.wait(wait):
-                    break
-            else:
-                time.sleep(wait)
-        return done
+        return run_every(self.run_once, interval_s, iterations, stop, "monitor: iteration")
 
     def firing(self) -> list[dict[str, Any]]:
         """The alerts firing now, with their route."""
         return [{**a.to_dict(), "route": route} for route, st in sorted(self.state.items())
                 for a in st.firing.values()]
+
+
+def run_every(fn: Callable[[], Any], interval_s: float, iterations: int | None, stop: Any, what: str) -> list[Any]:
+    """Call ``fn`` every ``interval_s`` seconds (measured start to start), ``iterations`` times (None:
+    until ``stop``, a threading.Event, is set, or the process is interrupted); the results are kept
+    when ``iterations`` is given. A VaekitError (a configuration fault: retrying will not help) is
+    raised; any other failure (the database unreachable for a while) is logged as ``what`` and the
+    next call tried. The monitor and the FID job share this schedule."""
+    done: list[Any] = []
+    k = 0
+    while iterations is None or k < iterations:
+        t0 = time.monotonic()
+        try:
+            result = fn()
+            if iterations is not None:
+                done.append(result)
+        except VaekitError:
+            raise
+        except Exception as exc:
+            log.error("%s failed: %s: %s", what, type(exc).__name__, exc)
+        k += 1
+        if iterations is not None and k >= iterations:
+            break
+        wait = max(0.0, interval_s - (time.monotonic() - t0))
+        if stop is not None:
+            if stop.wait(wait):
+                break
+        else:
+            time.sleep(wait)
+    return done
 
 
 def rebuild_state(docs: Sequence[dict[str, Any]]) -> dict[str, AlertState]:
