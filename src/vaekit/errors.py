@@ -139,5 +139,22 @@ def check_positive(name: str, value: Any, *, allow_zero: bool = False, integer: 
         raise ConfigError(f"{name} must be {bound}, got {describe(value)}")
 
 
+def finite_array(name: str, value: Any, ndim: int, *, min_rows: int = 1) -> Any:
+    """``value`` (a sequence, numpy array or torch tensor) as a float64 numpy array of ``ndim``
+    dimensions with at least ``min_rows`` rows and only finite values; InputError naming ``name``,
+    the shape received and the count of NaN/inf values otherwise."""
+    import numpy as np
+
+    if hasattr(value, "detach"):  # a torch tensor
+        value = value.detach().cpu().double().numpy()
+    arr = np.asarray(value, dtype=np.float64)
+    if arr.ndim != ndim or arr.shape[0] < min_rows:
+        shape = "(N, D)" if ndim == 2 else "(N,)"
+        raise InputError(f"{name} must be an array {shape} with N >= {min_rows}, got shape {arr.shape}")
+    if not np.isfinite(arr).all():
+        raise InputError(f"{name} must be finite, got {int((~np.isfinite(arr)).sum())} NaN/inf value(s)")
+    return arr
+
+
 class WebhookError(VaekitError, RuntimeError):
     """A webhook alert sink gave up: every attempt failed (the last status or error is in the message)."""

@@ -32,7 +32,7 @@ from typing import Any, Literal
 import numpy as np
 from scipy.stats import binom, norm
 
-from vaekit.errors import ConfigError, InputError, describe
+from vaekit.errors import ConfigError, InputError, describe, finite_array
 
 Action = Literal["promote", "hold", "rollback"]
 
@@ -73,9 +73,9 @@ class Window:
     version: Any = None  # the registry version, for the evidence
 
     def __post_init__(self) -> None:
-        self.recon = _finite_1d("recon", self.recon)
+        self.recon = finite_array("recon", self.recon, 1, min_rows=0)  # an empty window waits
         if self.kl is not None:
-            self.kl = _finite_1d("kl", self.kl)
+            self.kl = finite_array("kl", self.kl, 1, min_rows=0)
             if self.kl.shape != self.recon.shape:
                 raise InputError(f"kl must hold one value per image like recon ({self.recon.shape[0]}), "
                                  f"got {self.kl.shape[0]}")
@@ -83,15 +83,6 @@ class Window:
     @property
     def n(self) -> int:
         return int(self.recon.shape[0])
-
-
-def _finite_1d(name: str, values: Any) -> np.ndarray:
-    a = np.asarray(values, dtype=np.float64)
-    if a.ndim != 1:
-        raise InputError(f"{name} must be a 1-D array of per-image values, got shape {a.shape}")
-    if not np.isfinite(a).all():
-        raise InputError(f"{name} holds {int((~np.isfinite(a)).sum())} NaN or inf values")
-    return a
 
 
 @dataclass

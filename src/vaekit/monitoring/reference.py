@@ -21,23 +21,13 @@ from typing import Any
 
 import numpy as np
 
-from vaekit.errors import InputError, describe
+from vaekit.errors import InputError, describe, finite_array
 
 PER_IMAGE = ("recon_mse", "recon_nats", "kl", "latent_norm", "pixel_mean", "pixel_var")
 
 
 def _as_array(name: str, value: Any, ndim: int) -> np.ndarray | None:
-    if value is None:
-        return None
-    if hasattr(value, "detach"):  # a torch tensor
-        value = value.detach().cpu().double().numpy()
-    arr = np.asarray(value, dtype=np.float64)
-    if arr.ndim != ndim or arr.shape[0] == 0:
-        shape = "(N, D)" if ndim == 2 else "(N,)"
-        raise InputError(f"{name} must be an array {shape} with N >= 1, got shape {arr.shape}")
-    if not np.isfinite(arr).all():
-        raise InputError(f"{name} must be finite, got {int((~np.isfinite(arr)).sum())} NaN/inf value(s)")
-    return arr
+    return None if value is None else finite_array(name, value, ndim)
 
 
 @dataclass
