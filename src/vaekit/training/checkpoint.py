@@ -111,16 +111,21 @@ def _split(path: Path, data: bytes) -> tuple[dict[str, Any] | None, bytes]:
     return header, blob
 
 
+def _read_verified(p: Path) -> tuple[dict[str, Any] | None, bytes]:
+    """(header, payload bytes) of the file at ``p``, its checksum verified; CheckpointError otherwise."""
+    try:
+        data = p.read_bytes()
+    except OSError as exc:
+        raise CheckpointError(f"cannot read checkpoint {p}: {exc.strerror or exc}") from exc
+    return _split(p, data)
+
+
 def read_header(path: str | os.PathLike) -> dict[str, Any]:
     """Verify a checkpoint's checksum without unpickling anything; return its header
     (``step``, ``epoch``, ``batch``, ``branch``; for a version-1 file only ``step`` from the name).
     CheckpointError says why a file is unreadable."""
     p = Path(path)
-    try:
-        data = p.read_bytes()
-    except OSError as exc:
-        raise CheckpointError(f"cannot read checkpoint {p}: {exc.strerror or exc}") from exc
-    header, _ = _split(p, data)
+    header, _ = _read_verified(p)
     if header is None:
         m = _NAME.match(p.name)
         return {"format": FORMAT, "version": 1, "step": int(m.group(1)) if m else None}
@@ -130,11 +135,7 @@ def read_header(path: str | os.PathLike) -> dict[str, Any]:
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Read a checkpoint (checksum verified first; tensors and plain data only: ``weights_only=True``)."""
     p = Path(path)
-    try:
-        data = p.read_bytes()
-    except OSError as exc:
-        raise CheckpointError(f"cannot read checkpoint {p}: {exc.strerror or exc}") from exc
-    _, blob = _split(p, data)
+    _, blob = _read_verified(p)
     try:
         payload = torch.load(io.BytesIO(blob), map_location=map_location, weights_only=True)
     except Exception as exc:  # torch raises several types for truncated/corrupt files
