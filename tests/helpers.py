@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 from vaekit.training import Callback
@@ -41,3 +43,21 @@ def configured_trainer(model, dataset, config=None, *, data_config=None, kl=None
 def callback(trainer, name: str):
     """The trainer's callback called ``name``."""
     return next(c for c in trainer.callbacks if c.name == name)
+
+
+def wait_ready(proc, port: int, timeout: float = 60.0) -> None:
+    """Wait until the server process ``proc`` answers 200 on ``/readyz`` at 127.0.0.1:``port``;
+    AssertionError (with its output) when it exits first or does not get ready in ``timeout`` s."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"server exited: {proc.stdout.read() if proc.stdout else ''}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    proc.kill()
+    raise AssertionError(f"server did not become ready in {timeout:.0f} s")

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 from fastapi.testclient import TestClient
+from helpers import wait_ready
 from test_serving import images, npy, save_model
 from test_serving_load import free_port, start_server
 
@@ -265,14 +266,7 @@ def test_store_without_a_value_is_the_embedded_default(tmp_path):
                              "--log-level", "warning", "--store"], cwd=tmp_path, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            assert proc.poll() is None, proc.stdout.read()
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.1)
+        wait_ready(proc, port)
         assert httpx.post(f"http://127.0.0.1:{port}/v1/models/vae/score", content=npy(images(1)),
                           headers={"content-type": "application/x-npy"}).status_code == 200
     finally:

@@ -17,6 +17,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from helpers import wait_ready
 from test_serving import images, npy, save_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,17 +35,8 @@ def start_server(model: Path, port: int, *extra: str) -> subprocess.Popen:
     proc = subprocess.Popen([sys.executable, "-m", "vaekit.cli.main", "serve", str(model), "--port", str(port),
                              "--threads", "1", "--log-level", "warning", *extra], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"server exited: {proc.stdout.read()}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            time.sleep(0.1)
-    proc.kill()
-    raise AssertionError("server did not become ready")
+    wait_ready(proc, port)
+    return proc
 
 
 def requests_mix(i: int):

@@ -14,6 +14,7 @@ import httpx
 import pytest
 import torch
 from fastapi.testclient import TestClient
+from helpers import wait_ready
 from test_serving import images, save_model
 from test_serving_load import free_port
 
@@ -91,20 +92,14 @@ def test_vaekit_serve_follows_a_registry_alias(registry, db_uri, tmp_path):
     if not db_uri.startswith("sqlite"):
         pytest.skip("the CLI path is the same for both backends")
     port = free_port()
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1",
-           "VAEKIT_REGISTRY_ARTIFACTS": str(tmp_path / "artifacts")}
+    # no VAEKIT_REGISTRY_ARTIFACTS: the registry recorded its artifact root when the fixture created it
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
+    env.pop("VAEKIT_REGISTRY_ARTIFACTS", None)
     proc = subprocess.Popen([sys.executable, "-m", "vaekit.cli.main", "serve", "mnist@production", "--registry",
                              db_uri, "--port", str(port), "--poll-interval", "0.2", "--log-level", "warning"],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            assert proc.poll() is None, proc.stdout.read()
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.1)
+        wait_ready(proc, port)
         body = {"x": images(1).tolist()}
         assert httpx.post(f"http://127.0.0.1:{port}/v1/models/mnist/score", json=body).json()["version"] == "1"
         registry.set_alias("mnist", "production", 2, reason="promote")
