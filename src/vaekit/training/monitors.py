@@ -85,6 +85,7 @@ class KLController(Callback):
         self.total_steps, self.steps_per_epoch = total_steps, steps_per_epoch
         self.offset = 0
         self.free_bits = config.free_bits
+        self._last: tuple[int, KLControl] | None = None  # (step, the control its forward pass used)
         self.schedule_config = config
         self._schedule = KLSchedule(config, beta, total_steps, steps_per_epoch) if total_steps else None
 
@@ -101,10 +102,12 @@ class KLController(Callback):
                          kl_floor=self.config.kl_floor, capacity=cap, gamma=self.config.capacity_gamma)
 
     def forward_kwargs(self, loop: TrainingLoop) -> dict[str, Any]:
-        return {"kl_control": self.control(loop.state.step)}
+        self._last = (loop.state.step, self.control(loop.state.step))
+        return {"kl_control": self._last[1]}
 
     def on_step_end(self, loop: TrainingLoop, record: dict[str, Any]) -> None:
-        c = self.control(record["step"] - 1)
+        step = record["step"] - 1  # the step just taken: its control was built for the forward pass
+        c = self._last[1] if self._last is not None and self._last[0] == step else self.control(step)
         record["kl_weight"] = c.weight
         if c.capacity is not None:
             record["kl_capacity"] = c.capacity
