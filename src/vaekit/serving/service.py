@@ -924,8 +924,10 @@ class ModelService:
         while b is not None and (b._running or b.depth) and time.perf_counter() < deadline:
             time.sleep(0.002)  # a coarse poll: each wake-up takes the GIL from production
 
-    def _run_shadow(self, batch: list[tuple[_Payload, float]]) -> None:
-        dep = self._sides["shadow"]
+    def _run_shadow(self, batch: list[tuple[_Payload, float]], dep: Deployment | None = None) -> None:
+        """Serve mirrored requests on the shadow deployment (``dep``: the one to use, default the
+        service's shadow; the shadow process passes its own production) and queue their records."""
+        dep = dep if dep is not None else self._sides["shadow"]
         if dep is None:
             self.shadow_dropped += len(batch)
             return
@@ -1071,10 +1073,9 @@ def shadow_child_main(conn: Any, spec: tuple[Any, ...], store_uri: str, options:
             if msg == RELOAD:
                 svc.reload()
                 continue
-            svc._sides["shadow"] = svc.deployment  # the child's production is the service's shadow
             batch = [(_Payload(e, torch.from_numpy(x), None if y is None else torch.from_numpy(y), rid, arrived,
                                None, n, "shadow", extra or {}), t)
                      for e, x, y, rid, arrived, t, n, extra in msg]
-            svc._run_shadow(batch)
+            svc._run_shadow(batch, svc.deployment)  # the child's production is the service's shadow
     finally:
         svc.close()
