@@ -139,6 +139,13 @@ def check_positive(name: str, value: Any, *, allow_zero: bool = False, integer: 
         raise ConfigError(f"{name} must be {bound}, got {describe(value)}")
 
 
+def check_share(name: str, share: Any) -> float:
+    """``share`` as a float in [0, 1] (a share of traffic or of requests); ConfigError otherwise."""
+    if isinstance(share, bool) or not isinstance(share, int | float) or not 0.0 <= share <= 1.0:
+        raise ConfigError(f"{name} must be a number in [0, 1], got {describe(share)}")
+    return float(share)
+
+
 def finite_array(name: str, value: Any, ndim: int, *, min_rows: int = 1) -> Any:
     """``value`` (a sequence, numpy array or torch tensor) as a float64 numpy array of ``ndim``
     dimensions with at least ``min_rows`` rows and only finite values; InputError naming ``name``,

@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from vaekit.errors import ConfigError, check_positive
+from vaekit.errors import ConfigError, check_positive, check_share
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -90,8 +90,7 @@ def run(args: argparse.Namespace) -> int:
     if args.capture_dir and not args.store:
         raise ConfigError(f"--capture-dir {args.capture_dir} needs --store: the capture index and its retention live "
                           "in the monitoring store (give --store alone for sqlite:///monitoring/records.db)")
-    if not 0 <= args.capture_share <= 1:
-        raise ConfigError(f"--capture-share must be a number in [0, 1], got {args.capture_share}")
+    check_share("--capture-share", args.capture_share)
     cfg = {"reference": ref, "name": name, "device": args.device, "max_batch_size": args.max_batch_size,
            "max_wait_ms": args.max_wait_ms, "latent_norm_limit": args.latent_norm_limit,
            "max_images": args.max_images, "poll_interval_s": args.poll_interval, "threads": args.threads,

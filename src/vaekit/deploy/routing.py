@@ -12,7 +12,7 @@ import hashlib
 from dataclasses import dataclass
 from typing import Literal
 
-from vaekit.errors import ConfigError, InputError, describe
+from vaekit.errors import ConfigError, InputError, check_share, describe
 
 Route = Literal["production", "canary"]
 _SCALE = float(2**64)
@@ -26,12 +26,6 @@ def unit_hash(key: str, salt: str = "") -> float:
     return int.from_bytes(digest, "big") / _SCALE
 
 
-def _check_share(name: str, share: float) -> float:
-    if isinstance(share, bool) or not isinstance(share, int | float) or not 0.0 <= share <= 1.0:
-        raise ConfigError(f"{name} must be a number in [0, 1], got {describe(share)}")
-    return float(share)
-
-
 @dataclass(frozen=True)
 class RoutingPolicy:
     """Canary share (the brief's 5% by default), shadow share (every request by default), and the salt."""
@@ -41,8 +35,8 @@ class RoutingPolicy:
     salt: str = "vaekit"  # change it to reshuffle which keys fall in the canary
 
     def __post_init__(self) -> None:
-        _check_share("canary_share", self.canary_share)
-        _check_share("shadow_share", self.shadow_share)
+        check_share("canary_share", self.canary_share)
+        check_share("shadow_share", self.shadow_share)
         if not isinstance(self.salt, str):
             raise ConfigError(f"salt must be a string, got {describe(self.salt)}")
 

@@ -40,19 +40,13 @@ import numpy as np
 import torch
 
 from vaekit.data.dataset import ImageSplit
-from vaekit.errors import ConfigError, InputError, describe
+from vaekit.errors import ConfigError, InputError, check_share, describe
 
 log = logging.getLogger("vaekit.serving.capture")
 
 DEFAULT_SHARE = 0.1  # the default: a tenth of the served requests
 SALT = "vaekit/capture"  # distinct from the routing salt: capture is independent of the canary draw
 PREFIX = "capture-"
-
-
-def _check_share(share: Any) -> float:
-    if isinstance(share, bool) or not isinstance(share, int | float) or not 0.0 <= share <= 1.0:
-        raise ConfigError(f"capture share must be a number in [0, 1], got {describe(share)}")
-    return float(share)
 
 
 def _check_limit(name: str, value: Any, integer: bool = False) -> None:
@@ -88,7 +82,7 @@ class Capture:
     def __init__(self, folder: str | os.PathLike, store: Any, *, share: float = DEFAULT_SHARE,
                  shard_images: int = 1000, max_shard_age_s: float = 60.0, max_age_s: float | None = None,
                  max_images: int | None = None, salt: str = SALT):
-        self.share = _check_share(share)
+        self.share = check_share("capture share", share)
         _check_limit("shard_images", shard_images, integer=True)
         _check_limit("max_shard_age_s", max_shard_age_s)
         _check_limit("max_age_s", max_age_s)
