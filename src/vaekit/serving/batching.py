@@ -89,10 +89,7 @@ class MicroBatcher:
                 return False
             self._running = True
         try:
-            self.run([job])
-        except BaseException as exc:
-            if not job.future.done():
-                job.future.set_exception(exc)
+            self._run_guarded([job])
         finally:
             with self._cv:
                 self._running = False
@@ -100,6 +97,16 @@ class MicroBatcher:
                 if self._queue or self._closed:  # wake the worker only when it has work waiting on us:
                     self._cv.notify_all()  # a needless wake costs a thread switch per request
         return True
+
+    def _run_guarded(self, jobs: list[Job]) -> None:
+        """``run(jobs)``; an exception it lets out (it must set every future: this is the last line
+        of defence) becomes the result of every job whose future is still unset."""
+        try:
+            self.run(jobs)
+        except BaseException as exc:
+            for job in jobs:
+                if not job.future.done():
+                    job.future.set_exception(exc)
 
     def _next_batch(self) -> list[Job] | None:
         with self._cv:
@@ -135,11 +142,7 @@ class MicroBatcher:
             self._last_jobs = len(batch)
             self.batches += 1
             try:
-                self.run(batch)
-            except BaseException as exc:  # run() must set futures; this is the last line of defence
-                for job in batch:
-                    if not job.future.done():
-                        job.future.set_exception(exc)
+                self._run_guarded(batch)
             finally:
                 with self._cv:
                     self._running = False
