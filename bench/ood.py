@@ -111,6 +111,17 @@ PUBLISHED["nll (k=100)"] = PUBLISHED["neg_elbo"]
 DIRECTIONS = (("fashion-mnist", "mnist"), ("mnist", "fashion-mnist"))
 
 
+
+def fitted_scores(model, ref):
+    """Every score of SCORES, those that need a fit fitted on the held-out reference images ``ref``."""
+    scores = {}
+    for key, spec in SCORES.items():
+        s = as_score(spec)
+        if s.needs_fit:
+            s.fit(model, ref, batch_size=256, seed=0)
+        scores[key] = s
+    return scores
+
 def held_out(dataset: str, data, args) -> torch.Tensor:
     """The model's validation hold-out (never trained on): the reference for fitting and calibration."""
     cfg = run_config(dataset, args)
@@ -128,12 +139,7 @@ def direction(ind: str, outd: str, args) -> dict:
     name = f"{SHORT[ind]}->{SHORT[outd]}"
     sets = ", ".join(f"{k} ({v.shape[0]})" for k, v in outs.items())
     print(f"\n== {name}: {ind} model, {xin.shape[0]} test images vs {sets}")
-    scores = {}
-    for key, spec in SCORES.items():
-        s = as_score(spec)
-        if s.needs_fit:
-            s.fit(model, ref[: args.n_ref], batch_size=256, seed=0)
-        scores[key] = s
+    scores = fitted_scores(model, ref[: args.n_ref])
     t = time.perf_counter()
     rep = ood_report(model, xin, outs, list(scores.values()), png_path=OUT / f"hist_{SHORT[ind]}.png",
                      batch_size=256, seed=0)
@@ -276,12 +282,7 @@ def retime(args) -> None:
         model, _ = trained_model(ind, run_args, data)
         ref = held_out(ind, data, run_args)
         xin = to_unit_float(data.test.images[: run_args.n])
-        scores = {}
-        for key, spec in SCORES.items():
-            s = as_score(spec)
-            if s.needs_fit:
-                s.fit(model, ref[: run_args.n_ref], batch_size=256, seed=0)
-            scores[key] = s
+        scores = fitted_scores(model, ref[: run_args.n_ref])
         entry = results["directions"][f"{SHORT[ind]}->{SHORT[outd]}"]["scores"]
         for key, t in timings(model, scores, xin, args).items():
             entry[key].update(t)
