@@ -91,3 +91,17 @@ def test_output_paths_are_checked_before_any_work(tmp_path, capsys):
     assert not (tmp_path / "new").exists(), "the check creates nothing"
     with pytest.raises(StorageError, match="is a directory"):
         check_output_path(tmp_path, "-o", "eval.json")
+
+
+def test_a_database_failure_in_a_command_is_one_line_of_the_given_error():
+    from sqlalchemy.exc import OperationalError
+
+    from vaekit.cli.common import db_errors_as
+    from vaekit.errors import RegistryError
+
+    @db_errors_as(RegistryError)
+    def command(args):
+        raise OperationalError("SELECT 1", {}, Exception("connection refused\n  is the server running?"))
+
+    with pytest.raises(RegistryError, match=r"^database error \(OperationalError\): connection refused is the server"):
+        command(None)

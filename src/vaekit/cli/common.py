@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from vaekit.data import load_dataset
 from vaekit.data.dataset import ImageDataset, ImageSplit
-from vaekit.errors import ModelFormatError
+from vaekit.errors import ModelFormatError, VaekitError
 from vaekit.models.base import BaseModel, load_model, read_model_doc
 
 
@@ -93,3 +95,20 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
     from vaekit.atomic import atomic_write_bytes
 
     atomic_write_bytes(path, (json.dumps(data, indent=2) + "\n").encode())
+
+
+def db_errors_as(error: type[VaekitError]) -> Callable[[Callable[..., int]], Callable[..., int]]:
+    """A command decorator: a database failure (server gone, disk full, a damaged file) is raised as
+    ``error`` with a one-line message, which the CLI prints (exit 2)."""
+    def wrap(fn: Callable[..., int]) -> Callable[..., int]:
+        @functools.wraps(fn)
+        def run(args: Any) -> int:
+            from sqlalchemy.exc import SQLAlchemyError
+
+            try:
+                return fn(args)
+            except SQLAlchemyError as exc:
+                detail = " ".join(str(getattr(exc, "orig", None) or exc).split())
+                raise error(f"database error ({type(exc).__name__}): {detail[:300]}") from exc
+        return run
+    return wrap

@@ -29,6 +29,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from vaekit.cli.common import db_errors_as
 from vaekit.errors import ConfigError, InputError, VaekitError
 
 ENV_STORE = "VAEKIT_STORE"
@@ -120,18 +121,7 @@ def _add_fid_parser(verbs: argparse._SubParsersAction, reg: argparse.ArgumentPar
     f.set_defaults(func=_db(fid))
 
 
-def _db(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-    """A database failure (server gone, a damaged file) as one line, exit 2."""
-    @functools.wraps(fn)
-    def call(args: argparse.Namespace) -> int:
-        from sqlalchemy.exc import SQLAlchemyError
-
-        try:
-            return fn(args)
-        except SQLAlchemyError as exc:
-            detail = " ".join(str(getattr(exc, "orig", None) or exc).split())
-            raise VaekitError(f"database error ({type(exc).__name__}): {detail[:300]}") from exc
-    return call
+_db = db_errors_as(VaekitError)
 
 
 def _store_uri(args: argparse.Namespace) -> str:

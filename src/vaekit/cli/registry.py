@@ -7,13 +7,10 @@ working directory). Every verb prints a human-readable summary, or JSON with ``-
 from __future__ import annotations
 
 import argparse
-import functools
 import json
-from collections.abc import Callable
 from typing import Any
 
-from sqlalchemy.exc import SQLAlchemyError
-
+from vaekit.cli.common import db_errors_as
 from vaekit.errors import InputError, RegistryError
 from vaekit.registry import DEFAULT_URI, ModelRegistry, Version, parse_ref
 
@@ -92,16 +89,7 @@ def _open(args: argparse.Namespace) -> ModelRegistry:
     return ModelRegistry(args.registry, artifact_root=args.artifacts)
 
 
-def _one_line_db_errors(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-    """A database failure (server gone, disk full, a damaged file) as a RegistryError: the CLI prints one line."""
-    @functools.wraps(fn)
-    def run(args: argparse.Namespace) -> int:
-        try:
-            return fn(args)
-        except SQLAlchemyError as exc:
-            detail = " ".join(str(getattr(exc, "orig", None) or exc).split())
-            raise RegistryError(f"database error ({type(exc).__name__}): {detail}") from exc
-    return run
+_one_line_db_errors = db_errors_as(RegistryError)
 
 
 def _emit(args: argparse.Namespace, data: Any, text: str) -> None:
