@@ -97,7 +97,7 @@ def run_server(kind: str, model_dir: str, port: int) -> None:
                            max_batch_size=1 if kind == "vaekit-nobatch" else 16, max_wait_ms=2.0, shadow=shadow,
                            store=store, shadow_process=kind == "vaekit-shadowproc")
         svc.start()
-        app = create_app(svc)
+        app = create_app(svc, freeze_gc=os.environ.get("VAEKIT_BENCH_FREEZE_GC", "1") == "1")
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
 
 
@@ -202,6 +202,8 @@ def main() -> int:
     ap.add_argument("--duration", type=float, default=5.0, help="seconds measured per cell")
     ap.add_argument("--warmup", type=float, default=1.0, help="seconds of unmeasured load before each cell")
     ap.add_argument("--servers", default=",".join(SERVERS))
+    ap.add_argument("--no-freeze-gc", action="store_true",
+                    help="serve with create_app(freeze_gc=False): what the frozen heap saves")
     ap.add_argument("--out", help="results file (default bench/results/serve.json, or serve_shadow.json)")
     ap.add_argument("--shadow", action="store_true", help="measure the shadow's cost on production latency")
     ap.add_argument("--rounds", type=int, default=3, help="--shadow: alternating cells per server")
@@ -226,6 +228,7 @@ def main() -> int:
         return shadow_main(args)
     args.out = args.out or str(RESULTS)
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "VAEKIT_BENCH_FREEZE_GC": "0" if args.no_freeze_gc else "1",
            "OMP_NUM_THREADS": "1"}
     levels = [int(c) for c in args.concurrency.split(",")]
     doc = {"command": "python " + " ".join(sys.argv), "machine": {
@@ -280,6 +283,7 @@ def shadow_main(args: argparse.Namespace) -> int:
     from vaekit.models import VAEConfig, build_model
 
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "VAEKIT_BENCH_FREEZE_GC": "0" if args.no_freeze_gc else "1",
            "OMP_NUM_THREADS": "1"}
     levels = [int(c) for c in args.concurrency.split(",")]
     doc: dict = {"command": "python " + " ".join(sys.argv), "machine": {
