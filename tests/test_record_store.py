@@ -107,3 +107,23 @@ def test_alert_events_are_stored_and_read_back(db_uri):
     assert store.append_alerts([ev, {**ev, "status": "resolved", "at": "2026-12-01T10:05:00Z"}], model="mnist") == 2
     assert [e["status"] for e in store.alert_events("mnist")] == ["firing", "resolved"]
     store.close()
+
+
+def test_rows_match_a_deep_copy_of_the_record_and_reject_what_lacks_a_key():
+    from dataclasses import asdict
+
+    from vaekit.monitoring.store import COLUMNS, _row
+    from vaekit.serving.records import RequestRecord
+
+    rec = RequestRecord(time=T0, request_id="r1", model="m", version="3", endpoint="score", latency_s=0.002,
+                        index=4, recon_mse=float("nan"), kl=12.5, latent=[0.25, -1.0], verdicts={"recon_p99": True})
+    row = _row(rec)
+    expected = {("idx" if k == "index" else k): v for k, v in asdict(rec).items()}  # the deep copy, independently
+    expected["recon_mse"] = None  # NaN is stored as missing
+    assert set(row) == set(COLUMNS)
+    assert {c: row[c] for c in COLUMNS} == {c: expected.get(c) for c in COLUMNS}
+    assert _row({**asdict(rec), "route": None})["route"] == "production"  # a missing route means production
+    with pytest.raises(InputError, match="request_id"):
+        _row({"time": T0, "model": "m", "version": "1", "endpoint": "score"})
+    with pytest.raises(InputError, match="dataclass or a mapping"):
+        _row(RequestRecord)

@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, is_dataclass
+from dataclasses import fields, is_dataclass
 from typing import Any
 
 import numpy as np
@@ -151,23 +151,35 @@ class StoreError(VaekitError, RuntimeError):
     """The record store cannot be opened (a newer schema) or a query is malformed."""
 
 
+_COLUMN_OF = {**{c: c for c in COLUMNS}, **FIELD_NAMES}  # field name -> column, for the fields stored
+_REQUIRED = ("time", "request_id", "model", "version", "endpoint")
+_DEFAULTS = {**dict.fromkeys(COLUMNS), "route": "production", "idx": 0, "accepted": True}
+_FIGURES = ("recon_mse", "recon_nats", "kl", "latent_norm", "pixel_mean", "pixel_var", "latency_s")
+
+
 def _row(record: Any) -> dict[str, Any]:
-    """A table row from a RequestRecord-like object (a dataclass or a mapping with the same field names)."""
-    data = asdict(record) if is_dataclass(record) else dict(record) if isinstance(record, Mapping) else None
-    if data is None:
+    """A table row from a RequestRecord-like object (a dataclass or a mapping with the same field names).
+
+    Every row holds every column (executemany needs one key set per statement). This runs for every
+    served image on the thread that shares the GIL (and, on 2 cores, the CPU) with the request path,
+    so it reads the fields shallowly (asdict would deep-copy every float of the latent list)."""
+    if is_dataclass(record) and not isinstance(record, type):
+        data = {f.name: getattr(record, f.name) for f in fields(record)}
+    elif isinstance(record, Mapping):
+        data = record
+    else:
         raise InputError(f"a record must be a dataclass or a mapping of fields, got {describe(record)}")
-    row = {FIELD_NAMES.get(k, k): v for k, v in data.items() if FIELD_NAMES.get(k, k) in COLUMNS}
-    missing = [c for c in ("time", "request_id", "model", "version", "endpoint") if row.get(c) is None]
+    row = dict(_DEFAULTS)
+    for k, v in data.items():
+        col = _COLUMN_OF.get(k)
+        if col is not None and v is not None:
+            row[col] = v
+    missing = [c for c in _REQUIRED if row[c] is None]
     if missing:
         raise InputError(f"a record needs {missing}, got fields {sorted(data)}")
-    row.setdefault("route", "production")
-    row.setdefault("idx", 0)
-    row.setdefault("accepted", True)
-    for c in COLUMNS:  # every row of a batch has every column (executemany needs one key set per statement)
-        row.setdefault(c, None)
-    for c in ("recon_mse", "recon_nats", "kl", "latent_norm", "pixel_mean", "pixel_var", "latency_s"):
-        v = row.get(c)
-        if v is not None and not math.isfinite(float(v)):
+    for c in _FIGURES:
+        v = row[c]
+        if v is not None and not math.isfinite(v):
             row[c] = None  # JSON and SQL have no NaN; a non-finite figure is stored as missing
     return row
 
