@@ -18,7 +18,8 @@ not depend on them). Writes bench/results/serve.json; prints a table.
 ``--shadow``: the MLP model served by the vaekit app, every server writing its records to a SQLite
 store: with no shadow (``vaekit-store``), with a shadow on the service's background thread
 (``vaekit-shadow``: a second MLP of the same size gets a copy of every request, ``shadow_share`` 1)
-and with the shadow in its own process (``vaekit-shadowproc``, ``shadow_process=True``); the
+and with the shadow in its own process (``vaekit-shadowproc``, ``shadow_process=True``), and with
+no store at all (``vaekit``: the store's own cost, reported under ``vaekit-store``); the
 servers measured in rotating cells (``--rounds`` each, so a change in the machine's load hits all)
 at each concurrency; the added p99 is the median over rounds of (p99 with the shadow - p99
 without). Writes bench/results/serve_shadow.json.
@@ -53,6 +54,7 @@ MODELS = {
 }
 SERVERS = ("vaekit", "vaekit-nobatch", "bare")
 SHADOW_SERVERS = ("vaekit-store", "vaekit-shadow", "vaekit-shadowproc")  # --shadow: the baseline first
+ROTATION = (*SHADOW_SERVERS, "vaekit")  # --shadow also measures the store's own cost: vaekit-store - vaekit
 
 
 # -- the servers (run in child processes) ----------------------------------------------------------------
@@ -206,7 +208,7 @@ def main() -> int:
                     help="serve with create_app(freeze_gc=False): what the frozen heap saves")
     ap.add_argument("--out", help="results file (default bench/results/serve.json, or serve_shadow.json)")
     ap.add_argument("--shadow", action="store_true", help="measure the shadow's cost on production latency")
-    ap.add_argument("--rounds", type=int, default=3, help="--shadow: alternating cells per server")
+    ap.add_argument("--rounds", type=int, default=4, help="--shadow: alternating cells per server")
     ap.add_argument("--server", help=argparse.SUPPRESS)
     ap.add_argument("--load", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--model-dir", help=argparse.SUPPRESS)
@@ -303,14 +305,15 @@ def shadow_main(args: argparse.Namespace) -> int:
         body.write_bytes(buf.getvalue())
         procs, ports = {}, {}
         try:
-            for kind in SHADOW_SERVERS:
+            for kind in ROTATION:
                 ports[kind] = free_port()
                 procs[kind] = subprocess.Popen([sys.executable, __file__, "--server", kind, "--model-dir", str(mdir),
                                                 "--port", str(ports[kind])], env=env)
                 wait_ready(ports[kind], procs[kind])
             for c in levels:
                 for r in range(args.rounds):
-                    order = SHADOW_SERVERS[r % 3:] + SHADOW_SERVERS[:r % 3]  # each server first in turn
+                    k = r % len(ROTATION)
+                    order = ROTATION[k:] + ROTATION[:k]  # each server first in turn
                     for kind in order:
                         out = subprocess.run([sys.executable, __file__, "--load", "--port", str(ports[kind]),
                                               "--body", str(body), "--concurrency", str(c), "--duration",
@@ -325,19 +328,20 @@ def shadow_main(args: argparse.Namespace) -> int:
             for p in procs.values():
                 p.terminate()
                 p.wait(10)
-    for kind in SHADOW_SERVERS[1:]:
+    # the shadows against the store alone; the store ("vaekit-store" key) against no store at all
+    for kind, base in (*((k, "vaekit-store") for k in SHADOW_SERVERS[1:]), ("vaekit-store", "vaekit")):
         for q in ("p99", "p50"):
             per_c = doc[f"added_{q}_ms"].setdefault(kind, {})
             for c in levels:
                 diffs = []
                 for r in range(args.rounds):
                     on, off = ([x for x in doc["cells"] if x["concurrency"] == c and x["round"] == r
-                                and x["server"] == k][0] for k in (kind, "vaekit-store"))
+                                and x["server"] == k][0] for k in (kind, base))
                     diffs.append(round(on[f"{q}_ms"] - off[f"{q}_ms"], 3))
                 per_c[str(c)] = {"per_round": diffs, "median": statistics.median(diffs)}
     doc["machine"]["loadavg_after"] = os.getloadavg()
-    for kind in SHADOW_SERVERS[1:]:
-        print(f"\nadded by {kind} (ms, median over rounds):",
+    for kind in (*SHADOW_SERVERS[1:], "vaekit-store"):
+        print(f"\nadded by {kind} (ms, median over rounds; the store against none, a shadow against the store):",
               json.dumps({c: v["median"] for c, v in doc["added_p99_ms"][kind].items()}), "p99;",
               json.dumps({c: v["median"] for c, v in doc["added_p50_ms"][kind].items()}), "p50")
     out_path = Path(args.out or SHADOW_RESULTS)
