@@ -49,7 +49,7 @@ from common import RESULTS, print_table, train_run, write_results  # noqa: E402
 from vaekit import VAEConfig, load_dataset  # noqa: E402
 from vaekit.atomic import atomic_write_bytes  # noqa: E402
 from vaekit.data import ImageDataset, ImageSplit  # noqa: E402
-from vaekit.monitoring.detectors import default_detectors  # noqa: E402
+from vaekit.monitoring.detectors import KSDetector, default_detectors  # noqa: E402
 from vaekit.monitoring.gate import QualityGate  # noqa: E402
 from vaekit.monitoring.reference import Window, reference_from_arrays, window_from_inspection  # noqa: E402
 from vaekit.training import DataConfig  # noqa: E402
@@ -140,6 +140,12 @@ def build_sources(model, pool: torch.Tensor, new_class: torch.Tensor, other: tor
             "noise_0.1": add_noise(pool, 0.1, 1), "noise_0.3": add_noise(pool, 0.3, 2),
             "brightness_0.2": (pool + 0.2).clamp(0, 1), "rotation_30": rotate(pool, 30.0),
             "other_dataset": other}
+
+
+def bench_detectors() -> dict[str, Any]:
+    """The default detectors and the latent KS test with the DKW margin (not a default: see KSDetector)."""
+    return {**default_detectors(alpha=ALPHA),
+            "ks_latent_margin": KSDetector(alpha=ALPHA, confidence=0.99, name="ks_latent_margin")}
 
 
 def take(stats: dict[str, np.ndarray], idx: np.ndarray) -> dict[str, np.ndarray]:
@@ -248,7 +254,7 @@ def run_dataset(name: str, m: dict[str, Any], other: torch.Tensor, args) -> dict
     ref_stats = image_stats(model, ref_imgs)
     prep_s = time.perf_counter() - t0
     reference = reference_from_arrays(**ref_stats)
-    detectors = {k: d.fit(reference) for k, d in default_detectors(alpha=ALPHA).items()}
+    detectors = {k: d.fit(reference) for k, d in bench_detectors().items()}
     gate = QualityGate(tuple(pool.shape[1:])).fit(ref_imgs, gate_imgs)
     gate_rejects = {k: float(1 - gate.check(v).accepted.mean()) for k, v in sources.items()}
     rng = np.random.default_rng(0)
@@ -380,7 +386,7 @@ def reference_draws(name: str, m: dict[str, Any], draws: int, args) -> dict[str,
         rng = np.random.default_rng([7, d])
         perm = rng.permutation(n)
         reference = reference_from_arrays(**take(held, perm[:2000]))
-        dets = {k: v.fit(reference) for k, v in default_detectors(alpha=ALPHA).items() if k != "mmd_latent"}
+        dets = {k: v.fit(reference) for k, v in bench_detectors().items() if k != "mmd_latent"}
         rest = {"clean": take(held, perm[2000:])}
         counts = dict.fromkeys(dets, 0)
         for _ in range(args.far_windows):

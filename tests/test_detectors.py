@@ -54,6 +54,59 @@ def test_ks_pvalues_equal_scipy_per_dimension():
     assert not det.score(Window(latent=gaussian(150, 2))).drifted
 
 
+def _ks_distance(a: np.ndarray, b: np.ndarray) -> float:
+    """sup |ECDF_a - ECDF_b| by hand: both ECDFs evaluated at every pooled value."""
+    t = np.concatenate([a, b])
+    fa = np.searchsorted(np.sort(a), t, side="right") / a.size
+    fb = np.searchsorted(np.sort(b), t, side="right") / b.size
+    return float(np.abs(fa - fb).max())
+
+
+def test_ks_margin_p_values_are_the_one_sample_law_past_the_dkw_margin():
+    ref, win = gaussian(400, 0), gaussian(150, 1, shift=np.array([0, 0, 1.0, 0, 0, 0]))
+    det = KSDetector(confidence=0.99).fit(Reference(latent=ref))
+    assert det.margin_ == pytest.approx(math.sqrt(math.log(2 * D / 0.01) / (2 * 400)))
+    res = det.score(Window(latent=win))
+    dist = np.array([_ks_distance(ref[:, d], win[:, d]) for d in range(D)])
+    np.testing.assert_allclose(res.details["p_values"], stats.kstwo.sf(np.maximum(dist - det.margin_, 0), 150),
+                               rtol=1e-10)
+    plain = [stats.ks_2samp(ref[:, d], win[:, d]).pvalue for d in range(D)]
+    np.testing.assert_allclose(res.details["p_values_without_margin"], plain, rtol=1e-12)
+    assert res.statistic == pytest.approx(dist.max())
+    assert res.drifted and res.details["flagged"] == [2]
+    assert min(res.details["p_values"]) > min(plain)  # the margin costs power
+    for bad in (1.0, 0.3, True, "0.99"):
+        with pytest.raises(ConfigError, match="confidence"):
+            KSDetector(confidence=bad).fit(Reference(latent=ref))
+
+
+def test_ks_margin_covers_the_reference_cdf_and_bounds_each_reference_false_alarm_rate():
+    """The margin is the DKW-Massart bound with a union over features: with probability >= confidence every
+    reference ECDF is within it of the true CDF (checked on uniform data, where the true CDF is the identity),
+    and then no reference's false-alarm rate exceeds alpha; the plain test's does, for some references."""
+    rng = np.random.default_rng(5)
+    n, feats = 150, 3
+    margin = KSDetector(confidence=0.9).fit(Reference(latent=rng.random((n, feats)))).margin_
+    grid = np.arange(1, n + 1) / n
+    sups = []
+    for _ in range(2000):
+        u = np.sort(rng.random((n, feats)), axis=0)
+        sups.append(np.maximum(np.abs(grid[:, None] - u), np.abs(grid[:, None] - 1 / n - u)).max())
+    assert np.mean(np.array(sups) <= margin) >= 0.9
+
+    alpha, m, wins = 0.05, 50, 200
+    plain, tolerant = [], []
+    for _ in range(16):
+        ref = Reference(latent=rng.normal(size=(n, feats)))
+        dets = [KSDetector(alpha=alpha, confidence=c).fit(ref) for c in (None, 0.9)]
+        windows = [Window(latent=rng.normal(size=(m, feats))) for _ in range(wins)]
+        plain.append(np.mean([dets[0].score(w).drifted for w in windows]))
+        tolerant.append(np.mean([dets[1].score(w).drifted for w in windows]))
+    noise = 2.5 * math.sqrt(alpha * (1 - alpha) / wins)
+    assert max(tolerant) <= alpha and max(plain) > alpha + noise / 2
+    assert abs(np.mean(plain) - alpha) < noise  # the plain test's level holds on average over references
+
+
 def test_benjamini_hochberg_by_hand():
     p = np.array([0.001, 0.008, 0.039, 0.041, 0.042, 0.06, 0.074, 0.205])
     # m p_(i) / i = .008 .032 .104 .082 .0672 .08 .08457 .205, then the running minimum from the end
