@@ -97,7 +97,8 @@ def run_server(kind: str, model_dir: str, port: int) -> None:
         store = f"sqlite:///{model_dir}-{kind}.db" if kind in SHADOW_SERVERS else None
         svc = ModelService(model_dir, name="m", device="cpu", threads=1,
                            max_batch_size=1 if kind == "vaekit-nobatch" else 16, max_wait_ms=2.0, shadow=shadow,
-                           store=store, shadow_process=kind == "vaekit-shadowproc")
+                           store=store, shadow_process=kind == "vaekit-shadowproc",
+                           record_interval_s=float(os.environ.get("VAEKIT_BENCH_RECORD_INTERVAL", "0.01")))
         svc.start()
         app = create_app(svc, freeze_gc=os.environ.get("VAEKIT_BENCH_FREEZE_GC", "1") == "1")
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)

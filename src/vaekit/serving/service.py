@@ -221,8 +221,8 @@ class ModelService:
     ``store`` (a URI or a :class:`vaekit.monitoring.store.RecordStore`) receives every record
     through the same background dispatcher as ``sink``; ``close()`` (SIGTERM/SIGINT in
     ``vaekit serve``) writes everything queued first. ``record_interval_s`` is how often the
-    dispatcher writes (what a SIGKILL can lose); ``record_queue`` its bound (items beyond are
-    dropped, counted and logged).
+    dispatcher writes (what a SIGKILL can lose; 10 ms: see RecordDispatcher); ``record_queue``
+    its bound (items beyond are dropped, counted and logged).
 
     Routing (a registry source that follows an alias, e.g. ``name@production``): ``canary``
     and ``shadow`` are further sources, by default ``name@canary`` and ``name@shadow`` of the same
@@ -249,7 +249,7 @@ class ModelService:
                  max_batch_size: int = 16, max_wait_ms: float = 2.0, latent_norm_limit: float = 5.0,
                  max_images: int = 256, sink: RecordSink | None = None, poll_interval_s: float | None = None,
                  threads: int | None = None, warmup: bool = True, gate: bool = True, min_variance: float = 0.01,
-                 hist_threshold: float | None = None, store: Any = None, record_interval_s: float = 0.05,
+                 hist_threshold: float | None = None, store: Any = None, record_interval_s: float = 0.01,
                  record_queue: int = 10_000, routing: Any = None, canary: Any = None, shadow: Any = None,
                  shadow_queue: int = 1024, capture: Any = None, capture_share: float = 0.1,
                  capture_options: dict[str, Any] | None = None, shadow_process: bool = False):
