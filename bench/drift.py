@@ -453,6 +453,53 @@ def print_tables(results: dict[str, Any]) -> None:
                          for k, v in rd["far"].items()])
 
 
+SHORT_MD = {"new_class_5": "new 5%", "new_class_15": "new 15%", "new_class_30": "new 30%", "black_3": "black 3%",
+            "noise_0.1": "noise 0.1", "noise_0.3": "noise 0.3", "brightness_0.2": "bright +0.2",
+            "rotation_30": "rot 30°", "other_dataset": "other set"}
+
+
+def _md(headers: list[str], rows: list[list[Any]]) -> str:
+    def cell(v: Any) -> str:
+        if isinstance(v, float):
+            return f"{v:.3g}" if v < 10 else f"{v:.1f}"
+        return "–" if v is None else str(v)
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    return "\n".join(lines + ["| " + " | ".join(cell(v) for v in r) + " |" for r in rows])
+
+
+def markdown(results: dict[str, Any]) -> str:
+    """The tables of docs/monitoring.md from a results file."""
+    out = []
+    for name, r in results["datasets"].items():
+        out.append(f"**{name}** (new class: {r['new_class']}; FAR over {r['far_windows']} no-drift windows of "
+                   f"{r['sizes']['window']}, power over {r['power_windows']} windows per scenario)\n")
+        rows = [[det, r["far"][det], r["far_upper95"][det], *(r["power"][sc][det] for sc in SHORT_MD),
+                 r["cost_ms"][det]] for det in r["far"]]
+        a = r["alibi"]
+        if "far" in a:
+            rows += [[f"Alibi {det} ({a['windows'][det]['far']} / {a['windows'][det]['power']} windows)",
+                      a["far"][det], a["far_upper95"][det], *(a["power"][sc][det] for sc in SHORT_MD),
+                      a["cost_ms"][det]] for det in ("KSDrift", "MMDDrift")]
+        g = r["gate"]["rejected_share"]
+        rows.append(["*gate: share of drifted images rejected*", g["clean"], "",
+                     *(g[SCENARIOS[sc][0]] for sc in SHORT_MD), ""])
+        out.append(_md(["detector", "FAR", "FAR 95% upper", *SHORT_MD.values(), "ms/window"], rows))
+        out.append(f"\nMedian delay, {name} (requests after the onset until the first alarm, {r['streams']} streams, "
+                   f"scored every {r['sizes']['step']} on the last {r['sizes']['window']}; – = no alarm within "
+                   f"{r['sizes']['stream']} in half the streams or more):\n")
+        out.append(_md(["detector", *SHORT_MD.values()],
+                       [[det, *(r["delay"][sc][det]["median"] for sc in SHORT_MD)] for det in r["far"]]))
+        rd = results.get("reference_draws", {}).get(name)
+        if rd:
+            out.append(f"\nFAR of {name} over {rd['draws']} references of {rd['reference']} held-out images drawn "
+                       f"afresh ({rd['windows_per_draw']} no-drift windows each; MMD: see above):\n")
+            out.append(_md(["detector", "FAR, all draws", "95% upper", "lowest draw", "highest draw"],
+                           [[k, v, rd["far_upper95"][k], min(rd["far_per_draw"][k]), max(rd["far_per_draw"][k])]
+                            for k, v in rd["far"].items()]))
+        out.append("")
+    return "\n".join(out)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="smoke run: tiny training budget, few windows")
@@ -478,7 +525,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="only measure MMD's FAR per reference (2 references, this many 500-row subsamples each, "
                         "all rows, the default margin); adds it to the results file")
     p.add_argument("--out", default="drift", help="results name under bench/results (quick: drift-quick)")
+    p.add_argument("--markdown", action="store_true", help="print the results file's tables as markdown and stop")
     args = p.parse_args(argv)
+    if args.markdown:
+        print(markdown(json.loads((RESULTS / f"{args.out}.json").read_text())))
+        return 0
     torch.set_num_threads(1)  # the CPU is shared: every figure is measured on one thread
     q = args.quick
     args.train_seconds = args.train_seconds or (10.0 if q else 180.0)
