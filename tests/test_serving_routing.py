@@ -7,6 +7,7 @@ hangs changes neither the status nor the latency of production responses."""
 from __future__ import annotations
 
 import math
+import os
 import threading
 import time
 
@@ -217,6 +218,8 @@ def test_a_shadow_process_writes_the_same_records_and_follows_its_alias(registry
         for i in range(10):
             assert svc.score(x, request_id=f"p{i}").version == "1"
         assert _wait_for(lambda: svc.store.count(route="shadow") == 20)  # the child wrote them itself
+        if hasattr(os, "SCHED_IDLE"):  # it runs only on cores nothing else wants (Linux)
+            assert os.sched_getscheduler(proc.process.pid) == os.SCHED_IDLE
         registry.set_alias("mnist", "shadow", 2, reason="shadow 2")
         assert _wait_for(lambda: svc.shadow is not None and svc.shadow.version == "2")
         time.sleep(0.5)  # the child was told to reload; it also polls its own source

@@ -1082,6 +1082,11 @@ def shadow_child_main(conn: Any, spec: tuple[Any, ...], store_uri: str, options:
 
     with contextlib.suppress(OSError):
         os.nice(options["nice"])
+    if options.get("idle", True) and hasattr(os, "SCHED_IDLE"):
+        # SCHED_IDLE (Linux): the child runs only on a core nothing else wants, and a production thread that
+        # wakes takes the core at once; nice 10 alone still let a shadow pass delay it by a scheduler slice
+        with contextlib.suppress(OSError):
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
     svc = ModelService(open_source(spec), device=options["device"], store=store_uri, gate=False, canary=False,
                        shadow=False, threads=options["threads"], poll_interval_s=options["poll_interval_s"],
                        latent_norm_limit=options["latent_norm_limit"], max_batch_size=1)

@@ -7,8 +7,10 @@ machine this project is measured on it added about 0.5 ms to production's p99 at
 
 * the service's shadow thread drains the mirror queue every 20 ms, as before, but only pickles the
   requests' checked inputs (numpy arrays, protocol 5) and writes them to a pipe: no model call;
-* the child (``spawn``, at ``nice`` 10 by default, so that when the cores are short production's
-  threads run first) runs a :class:`~vaekit.serving.service.ModelService` of its own on the shadow
+* the child (``spawn``, at ``nice`` 10 and, on Linux, the ``SCHED_IDLE`` policy, so that it runs
+  only on a core nothing else wants and a production thread that wakes takes the core at once; with
+  nice 10 alone a shadow pass still delayed production by a scheduler slice: +1.1 ms on p99 at one
+  client, +0.34 with ``SCHED_IDLE``, docs/serving.md) runs a :class:`~vaekit.serving.service.ModelService` of its own on the shadow
   source, with the gate off (production already gated the images), and serves each batch through
   the same ``_run_shadow`` code as the thread would: the same records, ``route="shadow"``, the
   request's id, the shadow's version, written by the child to the record store;
