@@ -10,10 +10,11 @@ machine this project is measured on it added about 0.5 ms to production's p99 at
 * the child (``spawn``, at ``nice`` 10 and, on Linux, the ``SCHED_IDLE`` policy, so that it runs
   only on a core nothing else wants and a production thread that wakes takes the core at once; with
   nice 10 alone a shadow pass still delayed production by a scheduler slice: +1.1 ms on p99 at one
-  client, +0.34 with ``SCHED_IDLE``, docs/serving.md) runs a :class:`~vaekit.serving.service.ModelService` of its own on the shadow
-  source, with the gate off (production already gated the images), and serves each batch through
-  the same ``_run_shadow`` code as the thread would: the same records, ``route="shadow"``, the
-  request's id, the shadow's version, written by the child to the record store;
+  client, +0.3 with ``SCHED_IDLE``, docs/serving.md) runs a
+  :class:`~vaekit.serving.service.ModelService` of its own on the shadow source, with the gate off
+  (production already gated the images), and serves each batch through the same ``_run_shadow``
+  code as the thread would: the same records, ``route="shadow"``, the request's id, the shadow's
+  version, written by the child to the record store;
 * the child follows the shadow source on its own (it polls it at the service's
   ``poll_interval_s``, and is told to reload when the service's shadow version changes);
 * a child that dies or hangs never touches production: writes to a dead pipe are counted as
