@@ -342,7 +342,7 @@ class MMDDetector(Detector):
     population (Hoeffding), A the reference-only term, B the window-only one, C the cross term
     (mean 0 given the reference). A has mean 0 and variance 2 E[k~(x, y)^2] / (n (n - 1)); given the
     reference it is a constant, and a reference with A > 0 alarms on more than alpha of its
-    windows (bench/drift.py, 500 reference rows: 0 % to 3 % of 400 Fashion-MNIST windows by
+    windows (bench/drift.py, 500 reference rows: 0 % to 2-3 % of 400 Fashion-MNIST windows by
     draw; docs/monitoring.md). ``confidence=0.99`` (default) compares T - z * sd(A) with the
     permutations (z the standard normal ``confidence`` quantile, sd(A) estimated from the
     doubly centred reference kernel matrix): the false-alarm rate stays <= alpha for every
