@@ -81,6 +81,13 @@ def bare_app(model_dir: str):
     return app
 
 
+def record_interval() -> dict:
+    """``record_interval_s`` from $VAEKIT_BENCH_RECORD_INTERVAL (bench/serve_records.py sets it), else the
+    service's own default."""
+    value = os.environ.get("VAEKIT_BENCH_RECORD_INTERVAL")
+    return {"record_interval_s": float(value)} if value else {}
+
+
 def run_server(kind: str, model_dir: str, port: int) -> None:
     import torch
     import uvicorn
@@ -97,8 +104,7 @@ def run_server(kind: str, model_dir: str, port: int) -> None:
         store = f"sqlite:///{model_dir}-{kind}.db" if kind in SHADOW_SERVERS else None
         svc = ModelService(model_dir, name="m", device="cpu", threads=1,
                            max_batch_size=1 if kind == "vaekit-nobatch" else 16, max_wait_ms=2.0, shadow=shadow,
-                           store=store, shadow_process=kind == "vaekit-shadowproc",
-                           record_interval_s=float(os.environ.get("VAEKIT_BENCH_RECORD_INTERVAL", "0.01")))
+                           store=store, shadow_process=kind == "vaekit-shadowproc", **record_interval())
         svc.start()
         app = create_app(svc, freeze_gc=os.environ.get("VAEKIT_BENCH_FREEZE_GC", "1") == "1")
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
@@ -149,6 +155,14 @@ def run_load(port: int, body_file: str, concurrency: int, duration: float, warmu
 
 
 # -- the driver ---------------------------------------------------------------------------------------------
+def load_cell(port: int, body: Path, concurrency: int, duration: float, warmup: float, env: dict) -> dict:
+    """One measured cell: the load generator in its own process against 127.0.0.1:port; its JSON figures."""
+    out = subprocess.run([sys.executable, __file__, "--load", "--port", str(port), "--body", str(body),
+                          "--concurrency", str(concurrency), "--duration", str(duration), "--warmup", str(warmup)],
+                         env=env, capture_output=True, text=True, timeout=duration + warmup + 60, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -259,11 +273,7 @@ def main() -> int:
                     wait_ready(port, proc)
                     cells = []
                     for c in levels:
-                        out = subprocess.run([sys.executable, __file__, "--load", "--port", str(port), "--body",
-                                              str(body), "--concurrency", str(c), "--duration", str(args.duration),
-                                              "--warmup", str(args.warmup)], env=env, capture_output=True,
-                                             text=True, timeout=args.duration + args.warmup + 60, check=True)
-                        cells.append(json.loads(out.stdout.strip().splitlines()[-1]))
+                        cells.append(load_cell(port, body, c, args.duration, args.warmup, env))
                         print(f"{mname:5s} {kind:15s} c={c:<3d} " + " ".join(f"{k}={v}" for k, v in cells[-1].items()
                                                                             if k != "concurrency"), flush=True)
                     entry["servers"][kind] = cells
@@ -316,12 +326,8 @@ def shadow_main(args: argparse.Namespace) -> int:
                     k = r % len(ROTATION)
                     order = ROTATION[k:] + ROTATION[:k]  # each server first in turn
                     for kind in order:
-                        out = subprocess.run([sys.executable, __file__, "--load", "--port", str(ports[kind]),
-                                              "--body", str(body), "--concurrency", str(c), "--duration",
-                                              str(args.duration), "--warmup", str(args.warmup)], env=env,
-                                             capture_output=True, text=True,
-                                             timeout=args.duration + args.warmup + 60, check=True)
-                        cell = {"server": kind, "round": r, **json.loads(out.stdout.strip().splitlines()[-1])}
+                        cell = {"server": kind, "round": r,
+                                **load_cell(ports[kind], body, c, args.duration, args.warmup, env)}
                         doc["cells"].append(cell)
                         print(f"c={c:<3d} round {r} {kind:17s} p50={cell['p50_ms']:.3f} p99={cell['p99_ms']:.3f} "
                               f"req/s={cell['throughput_rps']} errors={cell['errors']}", flush=True)

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serve import MODELS, ROOT, free_port, wait_ready  # noqa: E402
+from serve import MODELS, ROOT, free_port, load_cell, wait_ready  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "serve_records.json"
 SERVE = str(ROOT / "bench" / "serve.py")
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             for i, (name, (kind, interval)) in enumerate(servers.items()):
                 ports[name] = free_port()
-                senv = {**env, "VAEKIT_BENCH_RECORD_INTERVAL": str(interval or 0.01)}
+                senv = {**env, **({"VAEKIT_BENCH_RECORD_INTERVAL": str(interval)} if interval else {})}
                 # each store server gets its own model folder, so its SQLite file is its own
                 model_dir = Path(tmp) / f"mlp{i}"
                 if not model_dir.exists():
@@ -85,11 +85,8 @@ def main(argv: list[str] | None = None) -> int:
                 for r in range(args.rounds):
                     k = r % len(names)
                     for name in names[k:] + names[:k]:
-                        out = subprocess.run([sys.executable, SERVE, "--load", "--port", str(ports[name]), "--body",
-                                              str(body), "--concurrency", str(c), "--duration", str(args.duration),
-                                              "--warmup", str(args.warmup)], env=env, capture_output=True, text=True,
-                                             timeout=args.duration + args.warmup + 60, check=True)
-                        cell = {"server": name, "round": r, **json.loads(out.stdout.strip().splitlines()[-1])}
+                        cell = {"server": name, "round": r,
+                                **load_cell(ports[name], body, c, args.duration, args.warmup, env)}
                         doc["cells"].append(cell)
                         print(f"c={c:<3d} round {r} {name:16s} p50={cell['p50_ms']:.3f} p99={cell['p99_ms']:.3f} "
                               f"req/s={cell['throughput_rps']}", flush=True)
