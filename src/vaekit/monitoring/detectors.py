@@ -146,7 +146,8 @@ class KSDetector(Detector):
     ``confidence=None`` (default): the plain two-sample test (``scipy.stats.ks_2samp``), whose
     false-alarm rate is <= alpha on average over the draw of the reference. One reference is a
     fixed offset in every window, so its own rate lands above or below alpha (bench/drift.py:
-    0.25 % to 1.25 % over 10 MNIST references of 2,000 rows at alpha 0.01; docs/monitoring.md).
+    0.25 % to 2.0 % over 10 MNIST references of 2,000 rows at alpha 0.01, 0.80 % on average;
+    docs/monitoring.md).
 
     ``confidence`` in [0.5, 1): a guarantee for the reference at hand. By the DKW inequality
     (Massart's constant) and a union bound over the F features, with probability >= confidence

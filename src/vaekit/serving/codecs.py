@@ -164,7 +164,6 @@ def _palette_rgb(im: Image.Image) -> bool:
     return any(pal[i] != pal[i + 1] or pal[i] != pal[i + 2] for i in range(0, len(pal) - 2, 3))
 
 
-_NPY_MAGIC = b"\x93NUMPY"
 _NPY_HEADERS: dict[bytes, tuple[tuple[int, ...], bool, np.dtype]] = {}  # header bytes -> parsed (bounded)
 _NPY_HEADER_CACHE = 64
 
@@ -174,7 +173,7 @@ def _npy_header(body: bytes) -> tuple[tuple[int, ...], bool, np.dtype, int] | No
 
     numpy parses every header with ``ast.literal_eval``: a tenth of a batch-1 request's CPU in the
     service. Clients send the same few headers over and over, so a parsed header is kept by its bytes."""
-    if body[:6] != _NPY_MAGIC or len(body) < 10 or body[6] not in (1, 2):  # version 3 (utf-8): np.load
+    if body[:6] != np.lib.format.MAGIC_PREFIX or len(body) < 10 or body[6] not in (1, 2):  # version 3 (utf-8): np.load
         return None
     size = 2 if body[6] == 1 else 4
     start = 8 + size
@@ -183,8 +182,8 @@ def _npy_header(body: bytes) -> tuple[tuple[int, ...], bool, np.dtype, int] | No
     info = _NPY_HEADERS.get(header)
     if info is None:
         fp = io.BytesIO(body)
-        read = np.lib.format.read_array_header_1_0 if np.lib.format.read_magic(fp)[0] == 1 else \
-            np.lib.format.read_array_header_2_0
+        fp.seek(8)  # past the magic and the version read above
+        read = np.lib.format.read_array_header_1_0 if size == 2 else np.lib.format.read_array_header_2_0
         shape, fortran, dtype = read(fp)  # numpy's own checks (size limit, keys, dtype)
         info = (tuple(shape), bool(fortran), dtype)
         if len(header) <= 1024 and len(_NPY_HEADERS) < _NPY_HEADER_CACHE:

@@ -62,10 +62,10 @@ INSPECTING = ("encode", "reconstruct", "score")  # endpoints that run model.insp
 class RequestIds:
     """Request ids of 16 hex digits: 8 random per process, then a counter.
 
-    Unique within a process (for 2**32 requests) and, with a random prefix of 32 bits, across the few service processes
-    that share a store. ``secrets.token_hex`` costs a getrandom system call per request (3 % of a
-    batch-1 request's CPU); canary, shadow and capture choices hash the id (keyed BLAKE2b), so they
-    need it unique, not unpredictable. A forked child draws a new prefix."""
+    Unique within a process (for 2**32 requests) and, with a random prefix of 32 bits, across the
+    few service processes that share a store. ``secrets.token_hex`` costs a getrandom system call
+    per request (3 % of a batch-1 request's CPU); canary, shadow and capture choices hash the id
+    (keyed BLAKE2b), so they need it unique, not unpredictable. A forked child draws a new prefix."""
 
     def __init__(self) -> None:
         self._reseed()
@@ -1082,7 +1082,7 @@ def shadow_child_main(conn: Any, spec: tuple[Any, ...], store_uri: str, options:
 
     with contextlib.suppress(OSError):
         os.nice(options["nice"])
-    if options.get("idle", True) and hasattr(os, "SCHED_IDLE"):
+    if hasattr(os, "SCHED_IDLE"):
         # SCHED_IDLE (Linux): the child runs only on a core nothing else wants, and a production thread that
         # wakes takes the core at once; nice 10 alone still let a shadow pass delay it by a scheduler slice
         with contextlib.suppress(OSError):
